@@ -1,0 +1,149 @@
+"""Pickle-free encoding of training state: tensors to safetensors, the rest to tagged JSON.
+
+A checkpoint found in a shared Drive folder or bucket must be unable to run code when loaded, so
+nothing here ever unpickles. `encode` walks a nested state (dicts, lists, tuples, scalars, bytes,
+tensors) and returns a JSON-able tree in which every tensor is replaced by a reference into a flat
+tensor table; `decode` reverses it. JSON cannot express tuples, non-string dict keys, bytes or
+non-finite floats, so those carry a one-key tag object (`{"__tuple__": [...]}`). A plain dict whose
+keys could be mistaken for a tag is itself tagged, so decoding is unambiguous.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from resilient_train.errors import CheckpointError
+
+_TAGS = ("__tensor__", "__tuple__", "__dict__", "__bytes__", "__float__")
+
+
+def encode(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split `tree` into (JSON-able structure, {key: tensor}); tensor keys are their paths."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach()
+            ident = _storage_identity(tensor)
+            if ident in seen:  # tied / shared tensors are stored once
+                return {"__tensor__": seen[ident]}
+            tensors[path] = tensor
+            seen[ident] = path
+            return {"__tensor__": path}
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return obj
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+        if isinstance(obj, (bytes, bytearray)):
+            return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [walk(v, _join(path, i)) for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [walk(v, _join(path, i)) for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            plain = all(isinstance(k, str) and not k.startswith("__") for k in obj)
+            if plain:
+                return {k: walk(v, _join(path, k)) for k, v in obj.items()}
+            return {"__dict__": [[walk(k, _join(path, f"k{i}")), walk(v, _join(path, k))] for i, (k, v) in enumerate(obj.items())]}
+        if type(obj).__module__ == "numpy":  # numpy scalars and arrays, without importing numpy
+            return walk(obj.tolist(), path)
+        raise CheckpointError(
+            f"cannot store a {type(obj).__name__} at '{path or '/'}' in a checkpoint; "
+            "state must be tensors, numbers, strings, bytes, lists, tuples or dicts"
+        )
+
+    return walk(tree, prefix), tensors
+
+
+def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Rebuild the tree `encode` split, taking tensors from `tensors`."""
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        (tag, value), = obj.items()
+        if tag == "__tensor__":
+            if value not in tensors:
+                raise CheckpointError(f"checkpoint references tensor '{value}' that is not in its tensor file")
+            return tensors[value]
+        if tag == "__tuple__":
+            return tuple(decode(v, tensors) for v in value)
+        if tag == "__dict__":
+            return {decode(k, tensors): decode(v, tensors) for k, v in value}
+        if tag == "__bytes__":
+            return base64.b64decode(value)
+        if tag == "__float__":
+            return float(value)
+    return {k: decode(v, tensors) for k, v in obj.items()}
+
+
+def dumps_json(obj: Any) -> bytes:
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"), sort_keys=False).encode("utf-8")
+
+
+def loads_json(data: bytes, name: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{name} is not valid JSON ({exc.__class__.__name__}); the file is corrupt") from None
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a flat tensor table (contiguous CPU copies, shared storage allowed)."""
+    return st_save({k: _standalone(t) for k, t in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError on bad headers
+        raise CheckpointError(f"{name} is not a valid safetensors file ({str(exc).splitlines()[0][:120]})") from None
+
+
+def split_model_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A model state dict as (tensors to store, {tied key: key it aliases}).
+
+    Tied weights (an LM head sharing the embedding) are stored once under their first key, so the
+    safetensors file keeps the user's own key names and `export` can restore the alias.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"model state entry '{key}' is a {type(value).__name__}, not a tensor")
+        ident = _storage_identity(value)
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+            tensors[key] = value.detach()
+    return tensors, aliases
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _storage_identity(t: torch.Tensor) -> tuple:
+    """Two tensors are "the same" (tied) when they view the same bytes the same way."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning exactly its bytes (safetensors rejects shared storage)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t

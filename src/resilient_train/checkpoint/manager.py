@@ -1,0 +1,190 @@
+"""Listing, writing, committing, loading and pruning the checkpoints of one run folder.
+
+The protocol (design guide, section 4): every rank writes its files under their final names in
+`checkpoints/step-NNNNNNNNN/`; after a barrier, global rank 0 writes `manifest.json` last, listing
+every file with size and checksum. Resume walks from the newest checkpoint to the oldest and takes
+the first that verifies. Retention runs only after a newer checkpoint is committed, orders by step
+and never removes the newest valid checkpoint nor any folder it did not name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from resilient_train.checkpoint import format as fmt
+from resilient_train.checkpoint.manifest import (
+    MANIFEST,
+    check_file,
+    decode_manifest,
+    encode_manifest,
+    file_record,
+    parse_step_dir,
+    step_dir,
+)
+from resilient_train.errors import CheckpointError
+from resilient_train.storage import Storage
+
+log = logging.getLogger(__name__)
+
+COMMITTED, INCOMPLETE, CORRUPT = "committed", "incomplete", "corrupt"
+
+
+@dataclass
+class CheckpointInfo:
+    """One `step-N` folder as `ls` shows it."""
+
+    step: int
+    path: str
+    status: str
+    bytes: int = 0
+    created_at: Optional[str] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    manifest: Optional[dict[str, Any]] = None
+    reason: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "path": self.path, "status": self.status, "bytes": self.bytes,
+            "created_at": self.created_at, "metrics": self.metrics, "reason": self.reason,
+        }
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint's manifest and the file contents one rank needs."""
+
+    info: CheckpointInfo
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+
+    def snapshot(self, rank: int) -> fmt.Snapshot:
+        return fmt.decode(self.files, rank)
+
+
+class CheckpointManager:
+    """The `checkpoints/` folder of a run."""
+
+    def __init__(self, run: Storage) -> None:
+        self.run = run
+        self.root = run.child("checkpoints")
+
+    # -- listing -------------------------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Every `step-N` folder, oldest first, with status from the manifest and file sizes."""
+        infos = []
+        for entry in self.root.list_dir():
+            step = parse_step_dir(entry["basename"])
+            if step is None or entry.get("type") != "directory":
+                continue
+            infos.append(self._describe(step))
+        return sorted(infos, key=lambda info: info.step)
+
+    def info(self, step: int) -> CheckpointInfo:
+        return self._describe(step)
+
+    def _describe(self, step: int) -> CheckpointInfo:
+        name = step_dir(step)
+        listing = {e["basename"]: e for e in self.root.list_dir(name)}
+        info = CheckpointInfo(step=step, path=self.root.display(name), status=INCOMPLETE)
+        info.bytes = sum(int(e.get("size") or 0) for e in listing.values())
+        if MANIFEST not in listing:
+            info.reason = "no manifest (save in flight or interrupted)"
+            return info
+        try:
+            manifest = decode_manifest(self.root.read_bytes(name, MANIFEST))
+        except CheckpointError as exc:
+            info.status, info.reason = CORRUPT, str(exc)
+            return info
+        info.manifest = manifest
+        info.created_at = manifest.get("created_at")
+        info.metrics = manifest.get("metrics", {})
+        if manifest["step"] != step:
+            info.status, info.reason = CORRUPT, f"manifest says step {manifest['step']}"
+            return info
+        for fname, record in manifest["files"].items():
+            entry = listing.get(fname)
+            if entry is None:
+                info.status, info.reason = CORRUPT, f"{fname} is missing"
+                return info
+            if int(entry.get("size") or 0) != record.get("bytes"):
+                info.status = CORRUPT
+                info.reason = f"{fname}: {entry.get('size')} bytes, manifest says {record.get('bytes')}"
+                return info
+        info.status = COMMITTED
+        return info
+
+    # -- saving --------------------------------------------------------------------------------
+    def prepare(self, step: int) -> bool:
+        """Clear debris of an interrupted save at `step`; False if `step` is already committed."""
+        info = self._describe(step)
+        if info.status == COMMITTED:
+            return False
+        if self.root.exists(step_dir(step)):
+            self.root.remove(step_dir(step), recursive=True)
+        return True
+
+    def write_files(self, step: int, files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+        """Write one rank's files of a checkpoint; returns their manifest records."""
+        name = step_dir(step)
+        self.root.makedirs(name)
+        records = {}
+        for fname, data in files.items():
+            self.root.write_bytes(data, name, fname)
+            records[fname] = file_record(data)
+        return records
+
+    def commit(self, step: int, records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> CheckpointInfo:
+        """Write the manifest: from here on the checkpoint exists."""
+        manifest = {**meta, "step": step, "files": records}
+        self.root.write_bytes(encode_manifest(manifest), step_dir(step), MANIFEST)
+        return self._describe(step)
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None) -> LoadedCheckpoint:
+        """Read and verify the files of a committed checkpoint (all of them, or `wanted`)."""
+        if info.status != COMMITTED or info.manifest is None:
+            raise CheckpointError(f"{info.path} is {info.status}: {info.reason}")
+        name = step_dir(info.step)
+        files = {}
+        for fname, record in info.manifest["files"].items():
+            if wanted is not None and fname not in wanted:
+                continue
+            data = self.root.read_bytes(name, fname)
+            problem = check_file(fname, data, record)
+            if problem:
+                raise CheckpointError(f"{info.path} is corrupt: {problem}")
+            files[fname] = data
+        return LoadedCheckpoint(info=info, manifest=info.manifest, files=files)
+
+    def load_latest(self, wanted: Optional[set[str]] = None) -> Optional[LoadedCheckpoint]:
+        """The newest checkpoint that verifies; each one skipped is reported in one line."""
+        for info in reversed(self.list()):
+            if info.status != COMMITTED:
+                log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
+                continue
+            try:
+                return self.load(info, wanted)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint %s: %s", info.path, exc)
+        return None
+
+    # -- retention -----------------------------------------------------------------------------
+    def prune(self, keep_last: Optional[int], newest_step: int) -> list[int]:
+        """Delete committed checkpoints older than the newest `keep_last`; returns the steps removed.
+
+        Called right after `newest_step` was committed; only folders at lower steps are candidates,
+        so the checkpoint just written (the newest valid one) survives whatever the setting.
+        """
+        if keep_last is None:
+            return []
+        committed = [i for i in self.list() if i.status == COMMITTED and i.step <= newest_step]
+        if not committed or committed[-1].step != newest_step:
+            return []  # the new checkpoint did not verify as committed: delete nothing
+        doomed = committed[:-keep_last] if len(committed) > keep_last else []
+        for info in doomed:
+            # manifest first: a half-deleted folder must read as incomplete, never as valid
+            self.root.remove(step_dir(info.step), MANIFEST)
+            self.root.remove(step_dir(info.step), recursive=True)
+        return [info.step for info in doomed]

@@ -1,0 +1,104 @@
+"""Command-line interface: argument parsing, dispatch, exit codes and one-line errors.
+
+Every command is a function in `commands.py` that returns an exit code or raises one of the
+errors in `errors.py`; `main` turns those into `error: ...` lines (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import NoReturn, Optional, Sequence
+
+from resilient_train.errors import EXIT_FAILED, ResilientTrainError, TrainingStopped, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus an error and exits 2; we want one `error:` line, via UsageError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `python -m resilient_train {self.prog.split()[-1]} --help`)"
+                         if " " in self.prog else f"{message} (see `python -m resilient_train --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from resilient_train.cli import commands
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = _Parser(
+        prog="resilient_train",
+        description="Train, resume and inspect interruptible runs. Every path may be an fsspec URL "
+        "(local path, /content/drive/MyDrive/..., gs://bucket/prefix, memory://...).",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", parents=[common], help="start (or continue) a run of a task file",
+                       description="Start a run of TASK (a .py file or package.module), or continue it if RUN_DIR already holds it.")
+    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
+    p.add_argument("--run-dir", help="where the run lives (overrides run_dir from the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=500")
+    p.set_defaults(func=commands.cmd_run)
+
+    p = sub.add_parser("resume", parents=[common], help="continue a run from its newest valid checkpoint",
+                       description="Continue RUN from its newest valid checkpoint, with the config and task snapshot stored in RUN.")
+    p.add_argument("run", metavar="RUN", help="the run folder (URL)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. trainer.max_steps=2000")
+    p.set_defaults(func=commands.cmd_resume)
+
+    p = sub.add_parser("ls", parents=[common], help="list a run's checkpoints",
+                       description="List RUN's checkpoints: step, status (committed / incomplete / corrupt), size, time, metrics.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.set_defaults(func=commands.cmd_ls)
+
+    p = sub.add_parser("export", parents=[common], help="write the model weights alone as safetensors",
+                       description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to OUT, keys as in your model.")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.set_defaults(func=commands.cmd_export)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides come after options (`run t.py --run-dir x a=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `python -m resilient_train --help`)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="resilient_train: %(message)s", stream=sys.stderr)
+    for noisy in ("lightning_fabric", "lightning", "fsspec", "gcsfs", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        args = _parse(build_parser(), argv)
+        return int(args.func(args) or 0)
+    except TrainingStopped as stopped:
+        print(f"resilient_train: {stopped}", file=sys.stderr)
+        return stopped.code
+    except ResilientTrainError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in the task or here: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,223 @@
+"""Config schemas and their loading: defaults < task CONFIG < --config YAML < KEY=VALUE.
+
+Each section is a small dataclass that validates itself in `__post_init__` and names the key it
+rejects, so a typo on the command line costs one clear line instead of a crash an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resilient_train.errors import ConfigError, UsageError
+
+PRECISIONS = frozenset(
+    {
+        "auto", "64", "32", "16", "bf16",
+        "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
+        "transformer-engine", "transformer-engine-float16",
+    }
+)
+ACCELERATORS = frozenset({"auto", "cpu", "cuda", "gpu", "mps", "tpu"})
+
+
+def _positive(key: str, value: Optional[float], allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(key, "must be set")
+        return
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+@dataclass
+class TrainerConfig:
+    """How to train: steps, batch, hardware, precision and the loop's optional extras."""
+
+    max_steps: int = 1000
+    batch_size: int = 32  # per device (micro-batch)
+    accelerator: str = "auto"
+    devices: Any = "auto"  # int, "auto", or a list of device indices
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_checkpointing: bool = False
+    checkpoint_modules: list = field(default_factory=list)  # class names to wrap, besides ModuleList children
+    val_every_n_steps: Optional[int] = None
+    val_batches: Optional[int] = None  # cap on validation batches per evaluation
+    log_every_n_steps: int = 10
+    num_workers: int = 0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("trainer.max_steps", self.max_steps, allow_none=False)
+        _positive("trainer.batch_size", self.batch_size, allow_none=False)
+        _positive("trainer.num_nodes", self.num_nodes, allow_none=False)
+        _positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches, allow_none=False)
+        _positive("trainer.gradient_clip_val", self.gradient_clip_val)
+        _positive("trainer.val_every_n_steps", self.val_every_n_steps)
+        _positive("trainer.val_batches", self.val_batches)
+        _positive("trainer.log_every_n_steps", self.log_every_n_steps, allow_none=False)
+        if self.num_workers < 0:
+            raise ConfigError("trainer.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                "trainer.precision",
+                f"unknown precision '{self.precision}'; use one of {', '.join(sorted(PRECISIONS))}",
+            )
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(
+                "trainer.accelerator",
+                f"unknown accelerator '{self.accelerator}'; use one of {', '.join(sorted(ACCELERATORS))}",
+            )
+        devices = self.devices
+        if isinstance(devices, bool) or not (
+            devices == "auto"
+            or (isinstance(devices, int) and (devices > 0 or devices == -1))
+            or (isinstance(devices, (list, tuple)) and all(isinstance(d, int) for d in devices))
+        ):
+            raise ConfigError("trainer.devices", f"must be a positive int, -1, 'auto' or a list of ints, got {devices!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and how many checkpoints to keep."""
+
+    every_n_steps: Optional[int] = 100
+    every_minutes: Optional[float] = None
+    keep_last: Optional[int] = 3  # None keeps every checkpoint
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_n_steps", self.every_n_steps)
+        _positive("checkpoint.every_minutes", self.every_minutes)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class RunConfig:
+    """The whole resolved config of a run, as stored in `run.yaml`."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    task: dict = field(default_factory=dict)  # the user's own keys, free-form
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_dir, str) or not self.run_dir.strip():
+            raise ConfigError("run_dir", "must be a non-empty path or URL")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+    def to_dictconfig(self) -> DictConfig:
+        """The OmegaConf view handed to a task's `build(cfg)` (attribute access: `cfg.task.lr`)."""
+        return OmegaConf.structured(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.to_dictconfig())
+
+    def hash(self) -> str:
+        """A short digest of everything that shapes the training result (run_dir excluded)."""
+        data = OmegaConf.to_container(self.to_dictconfig(), resolve=True)
+        data.pop("run_dir", None)
+        text = OmegaConf.to_yaml(OmegaConf.create(data))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig}
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _translate(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = _first_line(exc)
+    if "Key '" in msg and "not in" in msg:
+        msg = "unknown key; see docs/configuration.md for the keys that exist"
+    return ConfigError(key, msg)
+
+
+def parse_overrides(items: Iterable[str]) -> DictConfig:
+    """Turn `KEY=VALUE` strings into a config layer (values parsed as YAML: 3, 1e-3, true, [1,2])."""
+    items = list(items)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"override '{item}' is not KEY=VALUE (for example trainer.max_steps=500)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"cannot parse overrides {items}: {_first_line(exc)}") from None
+
+
+def load_yaml_layer(path: str) -> DictConfig:
+    """Read a `--config FILE.yaml` layer through fsspec (so it may live on Drive or GCS)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            layer = OmegaConf.create(f.read())
+    except FileNotFoundError:
+        raise UsageError(f"config file '{path}' does not exist") from None
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
+    except Exception as exc:  # yaml.YAMLError and friends: report, do not crash
+        raise UsageError(f"config file '{path}' cannot be read: {_first_line(exc)}") from None
+    if not isinstance(layer, DictConfig):
+        raise UsageError(f"config file '{path}' must hold a mapping at the top level")
+    return layer
+
+
+def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
+    """Map `Trainer(max_steps=..., every_n_steps=...)` keywords onto their config sections.
+
+    Field names are unique across sections, so a flat keyword is unambiguous; whole sections may
+    also be passed as dicts (`checkpoint={"keep_last": 2}`).
+    """
+    layer: dict = {}
+    for name, value in kwargs.items():
+        if name in ("run_dir", "seed"):
+            layer[name] = value
+        elif name in ("trainer", "checkpoint", "task"):
+            section = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+            layer.setdefault(name, {}).update(section)
+        else:
+            for section, schema in _SECTIONS.items():
+                if name in {f.name for f in dataclasses.fields(schema)}:
+                    layer.setdefault(section, {})[name] = value
+                    break
+            else:
+                raise UsageError(f"Trainer got an unknown argument '{name}'; see docs/configuration.md")
+    return layer
+
+
+def resolve(*layers: Any) -> RunConfig:
+    """Merge layers over the defaults and validate; every failure names the offending key."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
+        return OmegaConf.to_object(merged)  # runs every __post_init__
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise _translate(exc) from None
+
+
+def load_run_yaml(text: str) -> DictConfig:
+    """Parse a stored `run.yaml` as a config layer."""
+    try:
+        layer = OmegaConf.create(text)
+    except Exception as exc:
+        raise UsageError(f"run.yaml is not valid YAML: {_first_line(exc)}") from None
+    if not isinstance(layer, DictConfig):
+        raise UsageError("run.yaml must hold a mapping at the top level")
+    return layer

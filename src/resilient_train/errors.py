@@ -1,0 +1,59 @@
+"""Exceptions that carry the CLI's exit code, so every layer can fail with the right one.
+
+The exit codes are part of the public contract: 2 bad usage/config/input, 3 nothing to resume or
+target not found, 75 stopped early after a committed checkpoint (a supervisor re-runs `resume`).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_STOPPED = 75
+
+
+class ResilientTrainError(Exception):
+    """Base class of errors a user can cause; the message is one line saying what to do."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(ResilientTrainError):
+    """Bad command line, bad config key or value, bad task file."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """A config value is unknown, of the wrong type or impossible; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+class NotFoundError(ResilientTrainError):
+    """The run, checkpoint or file asked for does not exist (or holds no valid checkpoint)."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class CheckpointError(ResilientTrainError):
+    """A checkpoint is incomplete or corrupt, or cannot be applied to this model."""
+
+
+class TrainingStopped(SystemExit):
+    """Raised by `Trainer.fit` after a signal or deadline, once a checkpoint is committed.
+
+    It subclasses SystemExit with code 75 so an unmodified training script exits with the code a
+    supervisor understands ("resume me"), while notebooks and callers can still catch it.
+    """
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(EXIT_STOPPED)
+        self.step = step
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"

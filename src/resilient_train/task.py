@@ -1,0 +1,92 @@
+"""Task files: loading one (the only dynamic import in the package) and snapshotting its source.
+
+A task is a `.py` file or an importable `package.module` with a `build(cfg)` function and,
+optionally, `CONFIG` (default config) and `ASSETS` (files next to it that it reads, copied into the
+run's snapshot so `resume` works from the run folder alone).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import posixpath
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from resilient_train.errors import UsageError
+
+BUILD_KEYS_REQUIRED = ("model", "optimizer", "train_data")
+BUILD_KEYS_OPTIONAL = ("training_step", "scheduler", "val_data")
+
+
+@dataclass
+class Task:
+    """A loaded task: its module, default config and the files a snapshot must carry."""
+
+    name: str
+    module: ModuleType
+    source: str | None  # path of the .py file
+    defaults: dict = field(default_factory=dict)
+    assets: list[str] = field(default_factory=list)
+
+    def build(self, cfg: Any) -> dict[str, Any]:
+        """Call the task's `build(cfg)` and check it returned what `Trainer.fit` takes."""
+        parts = self.module.build(cfg)
+        if not isinstance(parts, dict):
+            raise UsageError(f"task {self.name}: build(cfg) must return a dict, got {type(parts).__name__}")
+        missing = [k for k in BUILD_KEYS_REQUIRED if k not in parts]
+        unknown = [k for k in parts if k not in BUILD_KEYS_REQUIRED + BUILD_KEYS_OPTIONAL]
+        if missing or unknown:
+            raise UsageError(
+                f"task {self.name}: build(cfg) returned {sorted(parts)}; it needs "
+                f"{list(BUILD_KEYS_REQUIRED)} and may add {list(BUILD_KEYS_OPTIONAL)}"
+            )
+        return parts
+
+
+def _module_from_file(path: str) -> ModuleType:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"resilient_train_task_{stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot load task file '{path}'")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and DataLoader workers look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        del sys.modules[name]
+        raise UsageError(f"task file '{path}' line {exc.lineno}: syntax error: {exc.msg}") from None
+    return module
+
+
+def load_task(spec: str) -> Task:
+    """Load TASK as given on the command line: a `.py` path or a `package.module` name."""
+    if spec.endswith(".py") or os.sep in spec or os.path.exists(spec):
+        if not os.path.isfile(spec):
+            raise UsageError(f"task file '{spec}' does not exist")
+        path = os.path.abspath(spec)
+        module = _module_from_file(path)
+    else:
+        try:
+            module = importlib.import_module(spec)
+        except ModuleNotFoundError as exc:
+            if exc.name and spec.startswith(exc.name):
+                raise UsageError(f"task module '{spec}' cannot be imported; give a .py path or an installed module") from None
+            raise
+        path = getattr(module, "__file__", None)
+    build: Callable[..., Any] | None = getattr(module, "build", None)
+    if not callable(build):
+        raise UsageError(f"task '{spec}' has no build(cfg) function")
+    defaults = getattr(module, "CONFIG", {}) or {}
+    if not isinstance(defaults, dict):
+        raise UsageError(f"task '{spec}': CONFIG must be a dict")
+    assets = list(getattr(module, "ASSETS", []) or [])
+    for asset in assets:
+        norm = posixpath.normpath(asset)
+        if os.path.isabs(asset) or norm.startswith(".."):
+            raise UsageError(f"task '{spec}': ASSETS entry '{asset}' must be a path inside the task's folder")
+    return Task(name=spec, module=module, source=path, defaults=defaults, assets=assets)

@@ -1,0 +1,383 @@
+"""The training loop on Lightning Fabric, with checkpoints that make any interruption resumable.
+
+Fabric places the model, runs mixed precision and DDP. This module adds what a run on a vanishing
+GPU needs: gradient accumulation and clipping, optional gradient checkpointing, validation,
+metrics, a progress bar, saving on a step/wall-clock cadence and on SIGTERM/SIGINT, and automatic
+resume from the newest valid checkpoint. Read `fit` top to bottom: that is the whole loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from lightning_fabric import Fabric
+
+from resilient_train import state as state_lib
+from resilient_train.checkpoint import CheckpointManager
+from resilient_train.checkpoint import format as fmt
+from resilient_train.config import RunConfig, kwargs_layer, resolve
+from resilient_train.data import BatchStream, build_eval_loader, build_loader
+from resilient_train.env import fingerprint
+from resilient_train.errors import TrainingStopped, UsageError
+from resilient_train.grad_ckpt import enable_gradient_checkpointing
+from resilient_train.metrics import MetricsLogger
+from resilient_train.preemption import StopRequest
+from resilient_train.run_folder import RunFolder
+from resilient_train.runtime import build_fabric, resolve_precision
+from resilient_train.storage import Storage
+from resilient_train.task import Task
+
+log = logging.getLogger("resilient_train")
+
+StepFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    """What `fit` reports when training reached `max_steps`."""
+
+    step: int
+    epoch: int
+    loss: Optional[float]
+    val_loss: Optional[float]
+    checkpoint: Optional[str]  # URL of the last committed checkpoint
+    resumed_from: Optional[int]  # step the session started from, None for a fresh run
+
+
+def default_training_step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Without a `training_step`, the model's forward output is the loss.
+
+    dict batches become keyword arguments and tuples positional ones; the output may be a scalar
+    tensor, an object with `.loss` (Hugging Face) or a dict with a "loss" entry.
+    """
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    if isinstance(out, dict) and "loss" in out:
+        return out["loss"]
+    if hasattr(out, "loss") and isinstance(out.loss, torch.Tensor):
+        return out.loss
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        return out
+    raise UsageError(
+        "the model's output is not a scalar loss (nor has .loss); pass training_step=(model, batch) -> loss"
+    )
+
+
+class Trainer:
+    """Train a PyTorch model so that any interruption can be resumed exactly.
+
+    Configure with a `RunConfig` (or a dict / OmegaConf config of the same shape) and/or keywords:
+    `Trainer(run_dir="runs/exp1", max_steps=1000, precision="bf16-mixed", every_n_steps=200)`.
+    Keywords are config field names; see docs/configuration.md.
+    """
+
+    def __init__(self, config: Union[RunConfig, dict, Any, None] = None, **overrides: Any) -> None:
+        self.config: RunConfig = resolve(config, kwargs_layer(overrides))
+        self.fabric: Optional[Fabric] = None
+        self.precision: Optional[str] = None
+        self._run_prepared = False
+
+    # -- set-up --------------------------------------------------------------------------------
+    def launch(self) -> Fabric:
+        """Build Fabric and start its processes (DDP re-launches the command line per rank)."""
+        if self.fabric is None:
+            cfg = self.config.trainer
+            self.precision = resolve_precision(cfg.precision, cfg.accelerator)
+            self.fabric = build_fabric(cfg, self.precision)
+            self.fabric.launch()
+        return self.fabric
+
+    def prepare_run(self, task: Optional[Task] = None) -> None:
+        """Write `run.yaml` (and the task snapshot) on global rank 0, before any training."""
+        fabric = self.launch()
+        if fabric.global_rank == 0:
+            folder = RunFolder(Storage(self.config.run_dir))
+            folder.write_config(self.config)
+            if task is not None:
+                folder.snapshot_task(task)
+        fabric.barrier()
+        self._run_prepared = True
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        train_data: Any,
+        training_step: Optional[StepFn] = None,
+        scheduler: Any = None,
+        val_data: Any = None,
+    ) -> FitResult:
+        """Train to `trainer.max_steps`, resuming from the newest valid checkpoint in `run_dir`.
+
+        Raises `TrainingStopped` (a SystemExit with code 75) after SIGTERM/SIGINT, once the
+        checkpoint of the step it stopped at is committed.
+        """
+        _ensure_log_handler()
+        cfg = self.config
+        tcfg = cfg.trainer
+        fabric = self.launch()
+        if not self._run_prepared:
+            self.prepare_run()
+        rank, world = fabric.global_rank, fabric.world_size
+        step_fn = training_step or default_training_step
+
+        if tcfg.gradient_checkpointing:
+            what = enable_gradient_checkpointing(model, tcfg.checkpoint_modules)
+            _info(fabric, f"gradient checkpointing: {what}")
+        model = fabric.setup_module(model)
+        optimizer = fabric.setup_optimizers(_make_optimizer(optimizer, model))
+        scheduler = _make_scheduler(scheduler, optimizer)
+        scaler = getattr(fabric.strategy.precision, "scaler", None)
+
+        loader, sampler = build_loader(train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers)
+        stream = BatchStream(loader, sampler)
+        val_loader = build_eval_loader(val_data, sampler.batch_size, rank, world) if val_data is not None else None
+        micro_batches = tcfg.accumulate_grad_batches
+
+        run = Storage(cfg.run_dir)
+        manager = CheckpointManager(run)
+        progress, resumed_from = self._resume(fabric, manager, model, optimizer, scheduler, scaler)
+        stream.seek(progress.epoch, progress.cursor)
+        folder = RunFolder(run)
+        session = 0
+        if rank == 0:
+            session = folder.start_session(progress.step, {"world_size": world, "precision": self.precision, "environment": fingerprint()})
+        metrics = MetricsLogger(run, session) if rank == 0 else None
+        saver = _Saver(fabric, manager, cfg, self.precision or "", session)
+        bar = _progress_bar(fabric, tcfg, progress.step)
+
+        last_loss: Optional[float] = None
+        val_loss: Optional[float] = None
+        window_start, window_steps = time.perf_counter(), 0
+        samples_per_step = sampler.global_batch * micro_batches
+        with StopRequest() as stop:
+            while progress.step < tcfg.max_steps:
+                loss_sum = torch.zeros((), device=fabric.device)
+                for micro in range(micro_batches):
+                    batch = fabric.to_device(stream.next())
+                    syncing = micro == micro_batches - 1
+                    with fabric.no_backward_sync(model, enabled=not syncing):
+                        loss = step_fn(model, batch)
+                        fabric.backward(loss / micro_batches)
+                    loss_sum += loss.detach()
+                if tcfg.gradient_clip_val is not None:
+                    fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+                progress.step += 1
+                progress.epoch, progress.cursor = stream.epoch, stream.cursor
+                progress.samples_seen += samples_per_step
+                window_steps += 1
+                bar.update(1)
+
+                step = progress.step
+                if step % tcfg.log_every_n_steps == 0 or step == tcfg.max_steps:
+                    last_loss = fabric.all_reduce(loss_sum / micro_batches, reduce_op="mean").item()
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * samples_per_step / elapsed if elapsed > 0 else float("nan")
+                    window_start, window_steps = time.perf_counter(), 0
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if metrics is not None:
+                        metrics.log(step, epoch=progress.epoch, loss=last_loss, lr=lr, samples_per_sec=round(rate, 2))
+                if val_loader is not None and (
+                    (tcfg.val_every_n_steps and step % tcfg.val_every_n_steps == 0) or step == tcfg.max_steps
+                ):
+                    val_loss = _validate(fabric, model, val_loader, step_fn, tcfg.val_batches)
+                    best = progress.best.get("val_loss")
+                    if best is None or val_loss < best:
+                        progress.best["val_loss"] = val_loss
+                    if metrics is not None:
+                        metrics.log(step, epoch=progress.epoch, val_loss=val_loss)
+
+                stopping = _agree(fabric, stop.reason is not None)
+                if stopping or saver.due(step) or step == tcfg.max_steps:
+                    snapshot = state_lib.capture(model, optimizer, scheduler, scaler, progress)
+                    saver.save(step, snapshot, {"loss": last_loss, "val_loss": val_loss})
+                    if metrics is not None:
+                        metrics.flush()
+                if stopping:
+                    bar.close()
+                    if metrics is not None:
+                        metrics.close()
+                    _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
+                    raise TrainingStopped(step, stop.reason or "signal")
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        fabric.barrier()
+        return FitResult(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=last_loss,
+            val_loss=val_loss,
+            checkpoint=saver.last_path,
+            resumed_from=resumed_from,
+        )
+
+    def _resume(self, fabric: Fabric, manager: CheckpointManager, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[state_lib.Progress, Optional[int]]:
+        """Restore the newest valid checkpoint, if any; rank 0 picks it so all ranks agree."""
+        rank = fabric.global_rank
+        wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
+        loaded = manager.load_latest(wanted) if rank == 0 else None
+        step = fabric.broadcast(loaded.info.step if loaded else -1)
+        if step < 0:
+            return state_lib.Progress(), None
+        if loaded is None:
+            loaded = manager.load(manager.info(step), wanted)
+        progress, problems = state_lib.restore(loaded.snapshot(rank), model, optimizer, scheduler, scaler)
+        for problem in problems:
+            log.warning("rank %d: %s", rank, problem)
+        _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
+        return progress, step
+
+
+class _Saver:
+    """Save policy and the save itself: every rank writes its files, rank 0 commits and prunes."""
+
+    def __init__(self, fabric: Fabric, manager: CheckpointManager, cfg: RunConfig, precision: str, session: int) -> None:
+        self.fabric = fabric
+        self.manager = manager
+        self.cfg = cfg
+        self.precision = precision
+        self.session = session
+        self.writer_id = uuid.uuid4().hex[:12]
+        self.config_hash = cfg.hash()
+        self.environment = fingerprint()
+        self.last_path: Optional[str] = None
+        self._last_save_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        ck = self.cfg.checkpoint
+        if ck.every_n_steps and step % ck.every_n_steps == 0:
+            return True
+        if ck.every_minutes:
+            return _agree(self.fabric, time.monotonic() - self._last_save_time >= ck.every_minutes * 60)
+        return False
+
+    def save(self, step: int, snapshot: fmt.Snapshot, metrics: dict[str, Any]) -> None:
+        fabric, rank = self.fabric, self.fabric.global_rank
+        fresh = self.manager.prepare(step) if rank == 0 else True
+        if not fabric.broadcast(fresh):
+            return  # this step is committed already (a resume that ended where it started)
+        fabric.barrier()
+        files = fmt.encode_rank(snapshot, rank)
+        if rank == 0:
+            files.update(fmt.encode_shared(snapshot))
+        records = self.manager.write_files(step, files)
+        all_records = _gather_objects(fabric, records)
+        if rank == 0:
+            merged = {name: rec for per_rank in all_records for name, rec in per_rank.items()}
+            progress = snapshot.train["progress"]
+            meta = {
+                "epoch": progress["epoch"],
+                "cursor": progress["cursor"],
+                "samples_seen": progress["samples_seen"],
+                "world_size": fabric.world_size,
+                "precision": self.precision,
+                "config_hash": self.config_hash,
+                "environment": self.environment,
+                "writer": {"id": self.writer_id, "session": self.session},
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "metrics": {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)},
+            }
+            info = self.manager.commit(step, merged, meta)
+            self.manager.prune(self.cfg.checkpoint.keep_last, step)
+            self.last_path = info.path
+        fabric.barrier()
+        self._last_save_time = time.monotonic()
+
+
+def _make_optimizer(optimizer: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        built = optimizer(model.parameters())
+        if not isinstance(built, torch.optim.Optimizer):
+            raise UsageError(f"the optimizer factory returned {type(built).__name__}, not a torch.optim.Optimizer")
+        return built
+    raise UsageError(f"optimizer must be a torch.optim.Optimizer or a callable params -> optimizer, got {type(optimizer).__name__}")
+
+
+def _make_scheduler(scheduler: Any, optimizer: Any) -> Any:
+    if scheduler is None or (hasattr(scheduler, "step") and hasattr(scheduler, "state_dict")):
+        return scheduler
+    if callable(scheduler):
+        return scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+    raise UsageError(f"scheduler must be an LR scheduler or a callable optimizer -> scheduler, got {type(scheduler).__name__}")
+
+
+def _validate(fabric: Fabric, model: Any, loader: Any, step_fn: StepFn, max_batches: Optional[int]) -> float:
+    """Mean loss over (up to `max_batches` of) the validation data, averaged across ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=fabric.device)
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            total[0] += step_fn(model, fabric.to_device(batch)).float()
+            total[1] += 1
+    model.train(was_training)
+    total = fabric.all_reduce(total, reduce_op="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _agree(fabric: Fabric, flag: bool) -> bool:
+    """True on every rank when it is true on any (signals may reach only some processes)."""
+    if fabric.world_size == 1:
+        return flag
+    value = fabric.all_reduce(torch.tensor(float(flag), device=fabric.device), reduce_op="sum")
+    return bool(value.item() > 0)
+
+
+def _gather_objects(fabric: Fabric, obj: Any) -> list[Any]:
+    if fabric.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _progress_bar(fabric: Fabric, cfg: Any, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.max_steps,
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=fabric.global_rank != 0 or not cfg.progress_bar,
+        mininterval=0.5,
+    )
+
+
+def _info(fabric: Fabric, message: str) -> None:
+    if fabric.global_rank == 0:
+        log.info(message)
+
+
+def _ensure_log_handler() -> None:
+    """Make the library's messages visible in scripts and notebooks unless the user configured logging."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("resilient_train: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -1,0 +1,53 @@
+"""A small task for the tests: an MLP with dropout on synthetic data, logging its data order.
+
+`task.order_log` (optional) appends the sample indices of every micro-batch, one line each, so a
+test can compare the data order of an interrupted run with an uninterrupted one. `task.sleep`
+slows each step so a test can interrupt mid-run. `task.save_sleep` is not here: saves are real.
+"""
+
+import time
+
+import torch
+from torch import nn
+
+CONFIG = {
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1},
+    "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
+    "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+}
+
+
+class IndexedData(torch.utils.data.Dataset):
+    def __init__(self, n: int, dim: int) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = (self.x.sum(dim=1, keepdim=True) > 0).float()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"x": self.x[i], "y": self.y[i], "index": i}
+
+
+def build(cfg):
+    t = cfg.task
+    model = nn.Sequential(nn.Linear(t.dim, t.hidden), nn.ReLU(), nn.Dropout(t.dropout), nn.Linear(t.hidden, 1))
+    log_path = t.order_log
+
+    def training_step(model, batch):
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(" ".join(str(int(i)) for i in batch["index"]) + "\n")
+        if t.sleep:
+            time.sleep(t.sleep)
+        out = model(batch["x"])
+        return nn.functional.binary_cross_entropy_with_logits(out, batch["y"])
+
+    return {
+        "model": model,
+        "optimizer": lambda params: torch.optim.AdamW(params, lr=t.lr),
+        "scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5),
+        "train_data": IndexedData(t.n, t.dim),
+        "training_step": training_step,
+    }

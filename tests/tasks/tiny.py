@@ -2,7 +2,8 @@
 
 `task.order_log` (optional) appends the sample indices of every micro-batch, one line each, so a
 test can compare the data order of an interrupted run with an uninterrupted one. `task.sleep`
-slows each step so a test can interrupt mid-run. `task.save_sleep` is not here: saves are real.
+slows each step so a test can interrupt mid-run. `task.ballast` adds that many trained
+parameters so checkpoints are large and a save takes long enough to be killed in the middle.
 """
 
 import time
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -33,6 +34,8 @@ class IndexedData(torch.utils.data.Dataset):
 def build(cfg):
     t = cfg.task
     model = nn.Sequential(nn.Linear(t.dim, t.hidden), nn.ReLU(), nn.Dropout(t.dropout), nn.Linear(t.hidden, 1))
+    if t.ballast:
+        model.register_parameter("ballast", nn.Parameter(torch.zeros(t.ballast)))
     log_path = t.order_log
 
     def training_step(model, batch):
@@ -42,7 +45,10 @@ def build(cfg):
         if t.sleep:
             time.sleep(t.sleep)
         out = model(batch["x"])
-        return nn.functional.binary_cross_entropy_with_logits(out, batch["y"])
+        loss = nn.functional.binary_cross_entropy_with_logits(out, batch["y"])
+        if t.ballast:
+            loss = loss + 1e-6 * model.ballast.square().mean() + 1e-6 * model.ballast.sum()
+        return loss
 
     return {
         "model": model,

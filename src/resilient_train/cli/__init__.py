@@ -24,8 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from resilient_train.cli import commands
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = _Parser(
@@ -43,25 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the run lives (overrides run_dir from the config)")
     p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=500")
-    p.set_defaults(func=commands.cmd_run)
+    p.set_defaults(command="run")
 
     p = sub.add_parser("resume", parents=[common], help="continue a run from its newest valid checkpoint",
                        description="Continue RUN from its newest valid checkpoint, with the config and task snapshot stored in RUN.")
     p.add_argument("run", metavar="RUN", help="the run folder (URL)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. trainer.max_steps=2000")
-    p.set_defaults(func=commands.cmd_resume)
+    p.set_defaults(command="resume")
 
     p = sub.add_parser("ls", parents=[common], help="list a run's checkpoints",
                        description="List RUN's checkpoints: step, status (committed / incomplete / corrupt), size, time, metrics.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    p.set_defaults(func=commands.cmd_ls)
+    p.set_defaults(command="ls")
 
     p = sub.add_parser("export", parents=[common], help="write the model weights alone as safetensors",
                        description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to OUT, keys as in your model.")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("out", metavar="OUT.safetensors")
-    p.set_defaults(func=commands.cmd_export)
+    p.set_defaults(command="export")
     return parser
 
 
@@ -84,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         args = _parse(build_parser(), argv)
-        return int(args.func(args) or 0)
+        from resilient_train.cli import commands  # after parsing: usage errors stay fast
+
+        return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
     except TrainingStopped as stopped:
         print(f"resilient_train: {stopped}", file=sys.stderr)
         return stopped.code

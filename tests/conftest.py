@@ -1,0 +1,98 @@
+"""Shared helpers: running the real CLI in a subprocess and reading what it left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TASK = str(REPO / "tests" / "tasks" / "tiny.py")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("COLAB_RELEASE_TAG", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m resilient_train ARGS` to completion, capturing output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "resilient_train", *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_cli(*args: str, **popen: Any) -> subprocess.Popen:
+    """Start `python -m resilient_train ARGS` in its own process group (for signals)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "resilient_train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO,
+        start_new_session=True, **popen,
+    )
+
+
+def checkpoints(run_dir: str | Path) -> list[dict]:
+    proc = run_cli("ls", str(run_dir), "--json", check=True)
+    return json.loads(proc.stdout)
+
+
+def committed_steps_on_disk(run_dir: str | Path) -> list[int]:
+    """Committed steps read straight from the folder (fast enough to poll)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "manifest.json").exists())
+
+
+def saves_in_flight(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("step-*") if not (p / "manifest.json").exists() and any(p.iterdir())]
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.005) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def tiny_task() -> str:
+    return TINY_TASK
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: Sequence[pytest.Item]) -> None:
+    """Skip `gpu` tests where there is no CUDA device."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -12,6 +12,12 @@ from typing import Any, Sequence
 
 import pytest
 
+# gcsfs 2026.x probes each bucket over gRPC, which hangs for a minute against the emulator; this
+# must be set before gcsfs is first imported (the constructor argument comes too late).
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+pytest_plugins = ["gcs_emulator"]
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_TASK = str(REPO / "tests" / "tasks" / "tiny.py")
 

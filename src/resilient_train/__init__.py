@@ -25,7 +25,10 @@ _EXPORTS = {
     "seed_everything": "resilient_train.seeding",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "CheckpointConfig", "FitResult", "NotFoundError", "ResilientTrainError", "RunConfig", "Trainer",
+    "TrainerConfig", "TrainingStopped", "UsageError", "__version__", "seed_everything",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig

@@ -81,23 +81,50 @@ class TrainerConfig:
         if isinstance(devices, bool) or not (
             devices == "auto"
             or (isinstance(devices, int) and (devices > 0 or devices == -1))
-            or (isinstance(devices, (list, tuple)) and all(isinstance(d, int) for d in devices))
+            or (
+                isinstance(devices, (list, tuple))
+                and len(devices) > 0
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+            )
         ):
             raise ConfigError("trainer.devices", f"must be a positive int, -1, 'auto' or a list of ints, got {devices!r}")
 
 
 @dataclass
 class CheckpointConfig:
-    """When to save and how many checkpoints to keep."""
+    """When to save, how (sync or in the background), where else to copy, what to keep."""
 
     every_n_steps: Optional[int] = 100
     every_minutes: Optional[float] = None
     keep_last: Optional[int] = 3  # None keeps every checkpoint
+    keep_best: Optional[int] = None  # also keep the N best by `monitor`
+    monitor: Optional[str] = None  # a metric name, e.g. val_loss
+    mode: str = "min"  # whether lower (min) or higher (max) `monitor` is better
+    keep_every_n_steps: Optional[int] = None  # permanent milestones
+    async_save: Any = "auto"  # auto | true | false
+    when_busy: str = "wait"  # a save due while one is in flight: wait for it, or skip this one
+    max_consecutive_failures: int = 3
+    mirror: Optional[str] = None  # a second storage each checkpoint is copied to in the background
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps)
         _positive("checkpoint.every_minutes", self.every_minutes)
         _positive("checkpoint.keep_last", self.keep_last)
+        _positive("checkpoint.keep_best", self.keep_best)
+        _positive("checkpoint.keep_every_n_steps", self.keep_every_n_steps)
+        _positive("checkpoint.max_consecutive_failures", self.max_consecutive_failures, allow_none=False)
+        if self.mode not in ("min", "max"):
+            raise ConfigError("checkpoint.mode", f"must be 'min' or 'max', got {self.mode!r}")
+        if self.keep_best is not None and not self.monitor:
+            raise ConfigError("checkpoint.monitor", "must name a metric (e.g. val_loss) when checkpoint.keep_best is set")
+        if self.when_busy not in ("wait", "skip"):
+            raise ConfigError("checkpoint.when_busy", f"must be 'wait' or 'skip', got {self.when_busy!r}")
+        value = str(self.async_save).lower()
+        if value not in ("auto", "true", "false"):
+            raise ConfigError("checkpoint.async_save", f"must be auto, true or false, got {self.async_save!r}")
+        self.async_save = value
+        if self.mirror is not None and not str(self.mirror).strip():
+            self.mirror = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ and RNG state is replayed on recomputation so dropout masks match the unwrapped 
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Iterable
 
@@ -43,9 +44,9 @@ def enable_gradient_checkpointing(model: nn.Module, class_names: Iterable[str] =
     """Turn checkpointing on; returns a short description of what was done."""
     hf_enable = getattr(model, "gradient_checkpointing_enable", None)
     if callable(hf_enable):
-        try:
+        if "gradient_checkpointing_kwargs" in inspect.signature(hf_enable).parameters:
             hf_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        except TypeError:
+        else:  # older transformers
             hf_enable()
         return "model's own gradient_checkpointing_enable()"
     blocks = blocks_to_checkpoint(model, class_names)

@@ -9,17 +9,68 @@ reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import base64
+import errno
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# errno values a flaky mount or network produces and that a retry can cure: EIO and ENOTCONN
+# ("Transport endpoint is not connected") from the Colab Drive FUSE client, resets and timeouts.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE})
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error from a storage call is worth retrying (by type and code, never by text)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int) and code in TRANSIENT_HTTP:
+        return True
+    try:  # aiohttp (used by gcsfs) raises its own connection errors
+        import aiohttp
+
+        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call `fn`, retrying transient storage errors with exponential backoff and jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
 
 class Storage:
     """A root URL and the filesystem that serves it; every path is relative to the root."""
+
+    retry_attempts = 5
+    retry_base_delay = 0.2
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = url.rstrip("/") or url
@@ -43,27 +94,36 @@ class Storage:
         """A Storage rooted at a sub-folder, sharing this filesystem instance."""
         sub = Storage.__new__(Storage)
         sub.url, sub.fs, sub.is_local = self.display(*parts), self.fs, self.is_local
+        sub.retry_attempts, sub.retry_base_delay = self.retry_attempts, self.retry_base_delay
         sub.root = self.path(*parts)
         return sub
 
+    def _fresh(self, path: str) -> str:
+        """Drop cached listings of `path` and its folder: another process may have changed them."""
+        self.fs.invalidate_cache(path)
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return path
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return with_retries(fn, what, self.retry_attempts, self.retry_base_delay)
+
     # -- reads ---------------------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
-        path = self.path(*parts)
-        self.fs.invalidate_cache(posixpath.dirname(path))
-        return self.fs.exists(path)
+        path = self._fresh(self.path(*parts))
+        return self._retry(lambda: self.fs.exists(path), f"checking {path}")
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
+        path = self.path(*parts)
+        return self._retry(lambda: self.fs.cat_file(path), f"reading {path}")
 
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode("utf-8")
 
     def list_dir(self, *parts: str) -> list[dict]:
         """Fresh listing of a folder as fsspec detail dicts with `basename` added; [] if absent."""
-        path = self.path(*parts)
-        self.fs.invalidate_cache(path)
+        path = self._fresh(self.path(*parts))
         try:
-            entries = self.fs.ls(path, detail=True)
+            entries = self._retry(lambda: self.fs.ls(path, detail=True), f"listing {path}")
         except (FileNotFoundError, NotADirectoryError):
             return []
         for entry in entries:
@@ -72,38 +132,62 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
     def makedirs(self, *parts: str) -> None:
-        self.fs.makedirs(self.path(*parts), exist_ok=True)
+        path = self.path(*parts)
+        self._retry(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}")
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file so readers see all of it or none of it (see module docstring)."""
         path = self.path(*parts)
-        if not self.is_local:
-            self.fs.pipe_file(path, data)
-            return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        if self.is_local:
+            self._retry(lambda: _write_local(path, data), f"writing {path}")
+        else:
+            self._retry(lambda: self.fs.pipe_file(path, data), f"writing {path}")
+
+    def checksum_from_store(self, *parts: str) -> Optional[str]:
+        """The crc32c (hex) the object store itself keeps for a file, where it keeps one (GCS)."""
+        if self.is_local:
+            return None
+        path = self._fresh(self.path(*parts))
+        info = self._retry(lambda: self.fs.info(path), f"stat {path}")
+        value = info.get("crc32c")
+        if not isinstance(value, str):
+            return None
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _fsync_dir(folder)
+            return base64.b64decode(value).hex()
+        except ValueError:
+            return None
 
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode("utf-8"), *parts)
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         path = self.path(*parts)
-        try:
-            self.fs.rm(path, recursive=recursive)
-        except FileNotFoundError:
-            pass
+
+        def rm() -> None:
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+        self._retry(rm, f"removing {path}")
         self.fs.invalidate_cache(posixpath.dirname(path))
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Temp file in the same folder, fsync, `os.replace`, fsync the folder."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: str) -> None:

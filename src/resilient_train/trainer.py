@@ -9,9 +9,7 @@ resume from the newest valid checkpoint. Read `fit` top to bottom: that is the w
 from __future__ import annotations
 
 import logging
-import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -21,6 +19,11 @@ from lightning_fabric import Fabric
 from resilient_train import state as state_lib
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
+from resilient_train.checkpoint.lease import Lease
+from resilient_train.checkpoint.manager import load_newest_valid
+from resilient_train.checkpoint.mirror import Mirror
+from resilient_train.checkpoint.retention import RetentionPolicy
+from resilient_train.checkpoint.saver import CheckpointSaver, Collective
 from resilient_train.config import RunConfig, kwargs_layer, resolve
 from resilient_train.data import BatchStream, build_eval_loader, build_loader
 from resilient_train.env import fingerprint
@@ -146,16 +149,17 @@ class Trainer:
         micro_batches = tcfg.accumulate_grad_batches
 
         run = Storage(cfg.run_dir)
-        manager = CheckpointManager(run)
-        progress, resumed_from = self._resume(fabric, manager, model, optimizer, scheduler, scaler)
+        managers = [CheckpointManager(run)]
+        if cfg.checkpoint.mirror:
+            managers.append(CheckpointManager(Storage(cfg.checkpoint.mirror)))
+        progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler)
         stream.seek(progress.epoch, progress.cursor)
-        folder = RunFolder(run)
-        session = 0
-        if rank == 0:
-            session = folder.start_session(progress.step, {"world_size": world, "precision": self.precision, "environment": fingerprint()})
+        session, saver = self._start_session(fabric, run, managers, progress)
         metrics = MetricsLogger(run, session) if rank == 0 else None
-        saver = _Saver(fabric, manager, cfg, self.precision or "", session)
         bar = _progress_bar(fabric, tcfg, progress.step)
+
+        def capture() -> fmt.Snapshot:
+            return state_lib.capture(model, optimizer, scheduler, scaler, progress)
 
         last_loss: Optional[float] = None
         val_loss: Optional[float] = None
@@ -182,6 +186,7 @@ class Trainer:
                 progress.samples_seen += samples_per_step
                 window_steps += 1
                 bar.update(1)
+                saver.on_step_end()  # surfaces a background save's outcome
 
                 step = progress.step
                 if step % tcfg.log_every_n_steps == 0 or step == tcfg.max_steps:
@@ -204,17 +209,19 @@ class Trainer:
                         metrics.log(step, epoch=progress.epoch, val_loss=val_loss)
 
                 stopping = _agree(fabric, stop.reason is not None)
-                if stopping or saver.due(step) or step == tcfg.max_steps:
-                    snapshot = state_lib.capture(model, optimizer, scheduler, scaler, progress)
-                    saver.save(step, snapshot, {"loss": last_loss, "val_loss": val_loss})
+                final = stopping or step == tcfg.max_steps
+                if final or saver.due(step, lambda flag: _agree(fabric, flag)):
+                    saver.save(step, capture, {"loss": last_loss, "val_loss": val_loss}, final=final)
                     if metrics is not None:
                         metrics.flush()
                 if stopping:
+                    saver.finish()
                     bar.close()
                     if metrics is not None:
                         metrics.close()
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
                     raise TrainingStopped(step, stop.reason or "signal")
+        saver.finish()
         bar.close()
         if metrics is not None:
             metrics.close()
@@ -228,77 +235,49 @@ class Trainer:
             resumed_from=resumed_from,
         )
 
-    def _resume(self, fabric: Fabric, manager: CheckpointManager, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[state_lib.Progress, Optional[int]]:
-        """Restore the newest valid checkpoint, if any; rank 0 picks it so all ranks agree."""
+    def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[state_lib.Progress, Optional[int]]:
+        """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
         wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
-        loaded = manager.load_latest(wanted) if rank == 0 else None
-        step = fabric.broadcast(loaded.info.step if loaded else -1)
-        if step < 0:
+        found = load_newest_valid(managers, wanted) if rank == 0 else None
+        choice = fabric.broadcast((found[0], found[1].info.step) if found else None)
+        if choice is None:
             return state_lib.Progress(), None
-        if loaded is None:
-            loaded = manager.load(manager.info(step), wanted)
+        index, step = choice
+        loaded = found[1] if found else managers[index].load(managers[index].info(step), wanted)
         progress, problems = state_lib.restore(loaded.snapshot(rank), model, optimizer, scheduler, scaler)
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
         return progress, step
 
-
-class _Saver:
-    """Save policy and the save itself: every rank writes its files, rank 0 commits and prunes."""
-
-    def __init__(self, fabric: Fabric, manager: CheckpointManager, cfg: RunConfig, precision: str, session: int) -> None:
-        self.fabric = fabric
-        self.manager = manager
-        self.cfg = cfg
-        self.precision = precision
-        self.session = session
-        self.writer_id = uuid.uuid4().hex[:12]
-        self.config_hash = cfg.hash()
-        self.environment = fingerprint()
-        self.last_path: Optional[str] = None
-        self._last_save_time = time.monotonic()
-
-    def due(self, step: int) -> bool:
-        ck = self.cfg.checkpoint
-        if ck.every_n_steps and step % ck.every_n_steps == 0:
-            return True
-        if ck.every_minutes:
-            return _agree(self.fabric, time.monotonic() - self._last_save_time >= ck.every_minutes * 60)
-        return False
-
-    def save(self, step: int, snapshot: fmt.Snapshot, metrics: dict[str, Any]) -> None:
-        fabric, rank = self.fabric, self.fabric.global_rank
-        fresh = self.manager.prepare(step) if rank == 0 else True
-        if not fabric.broadcast(fresh):
-            return  # this step is committed already (a resume that ended where it started)
-        fabric.barrier()
-        files = fmt.encode_rank(snapshot, rank)
+    def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress) -> tuple[int, CheckpointSaver]:
+        """Take the lease (fencing older writers), record the session, build the saver and mirror."""
+        cfg, rank = self.config, fabric.global_rank
+        session, lease, mirror = 0, None, None
         if rank == 0:
-            files.update(fmt.encode_shared(snapshot))
-        records = self.manager.write_files(step, files)
-        all_records = _gather_objects(fabric, records)
-        if rank == 0:
-            merged = {name: rec for per_rank in all_records for name, rec in per_rank.items()}
-            progress = snapshot.train["progress"]
-            meta = {
-                "epoch": progress["epoch"],
-                "cursor": progress["cursor"],
-                "samples_seen": progress["samples_seen"],
+            lease = Lease.acquire(run)
+            session = RunFolder(run).start_session(progress.step, {
+                "incarnation": lease.incarnation, "world_size": fabric.world_size,
+                "precision": self.precision, "environment": fingerprint(),
+            })
+            if len(managers) > 1:
+                mirror = Mirror(run, managers[1].run, RetentionPolicy.from_config(cfg.checkpoint))
+        saver = CheckpointSaver(
+            managers[0],
+            cfg.checkpoint,
+            Collective(fabric.world_size, rank),
+            meta={
                 "world_size": fabric.world_size,
                 "precision": self.precision,
-                "config_hash": self.config_hash,
-                "environment": self.environment,
-                "writer": {"id": self.writer_id, "session": self.session},
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "metrics": {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)},
-            }
-            info = self.manager.commit(step, merged, meta)
-            self.manager.prune(self.cfg.checkpoint.keep_last, step)
-            self.last_path = info.path
-        fabric.barrier()
-        self._last_save_time = time.monotonic()
+                "config_hash": cfg.hash(),
+                "environment": fingerprint(),
+                "writer": {"id": lease.writer if lease else None, "session": session},
+            },
+            lease=lease,
+            mirror=mirror,
+        )
+        return session, saver
 
 
 def _make_optimizer(optimizer: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -342,16 +321,6 @@ def _agree(fabric: Fabric, flag: bool) -> bool:
         return flag
     value = fabric.all_reduce(torch.tensor(float(flag), device=fabric.device), reduce_op="sum")
     return bool(value.item() > 0)
-
-
-def _gather_objects(fabric: Fabric, obj: Any) -> list[Any]:
-    if fabric.world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _progress_bar(fabric: Fabric, cfg: Any, initial: int) -> Any:

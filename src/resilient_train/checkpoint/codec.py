@@ -35,9 +35,12 @@ def encode(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
             ident = _storage_identity(tensor)
             if ident in seen:  # tied / shared tensors are stored once
                 return {"__tensor__": seen[ident]}
-            tensors[path] = tensor
-            seen[ident] = path
-            return {"__tensor__": path}
+            key, n = path, 1
+            while key in tensors:  # "a/b" and {"a": {"b": ...}} join to the same name
+                key, n = f"{path}#{n}", n + 1
+            tensors[key] = tensor
+            seen[ident] = key
+            return {"__tensor__": key}
         if obj is None or isinstance(obj, (bool, int, str)):
             return obj
         if isinstance(obj, float):

@@ -37,23 +37,82 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EncodedFiles:
+    """One rank's files of a checkpoint, tensors not yet serialised.
+
+    Keeping tensors apart until `to_bytes` lets an async save copy them into reused host buffers
+    at the step boundary and serialise in the background while training goes on.
+    """
+
+    tensor_files: dict[str, dict[str, torch.Tensor]]
+    json_files: dict[str, bytes]
+
+    def stage(self, buffers: "HostBuffers") -> None:
+        """Replace every tensor by a copy in `buffers` (live training state may change after this)."""
+        self.tensor_files = {
+            name: {key: buffers.copy(name, key, t) for key, t in table.items()}
+            for name, table in self.tensor_files.items()
+        }
+        buffers.synchronize()
+
+    def to_bytes(self) -> dict[str, bytes]:
+        files = {name: codec.tensors_to_bytes(table) for name, table in self.tensor_files.items()}
+        files.update(self.json_files)
+        return files
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for table in self.tensor_files.values() for t in table.values())
+
+
+class HostBuffers:
+    """CPU tensors reused from save to save (pinned when the source is on a GPU)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._cuda = False
+
+    def copy(self, name: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get((name, key))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = t.is_cuda and torch.cuda.is_available()
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            self._buffers[(name, key)] = buf
+        buf.copy_(t, non_blocking=t.is_cuda)
+        self._cuda = self._cuda or t.is_cuda
+        return buf
+
+    def synchronize(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+
+def encode_files(snapshot: Snapshot, rank: int, shared: bool) -> EncodedFiles:
+    """The files `rank` writes: its RNG file, plus the shared ones when `shared` (global rank 0)."""
+    rng_tree, rng_tensors = codec.encode(snapshot.rng)
+    if rng_tensors:
+        raise ValueError("RNG states must be bytes, not tensors")  # internal invariant of state.py
+    encoded = EncodedFiles(tensor_files={}, json_files={rng_file(rank): codec.dumps_json(rng_tree)})
+    if shared:
+        model_tensors, aliases = codec.split_model_state(snapshot.model)
+        tree, tensors = codec.encode(snapshot.train)
+        encoded.tensor_files = {MODEL_FILE: model_tensors, STATE_TENSORS: tensors}
+        encoded.json_files[STATE_JSON] = codec.dumps_json({"model_aliases": aliases, "train": tree})
+    return encoded
+
+
 def encode_shared(snapshot: Snapshot) -> dict[str, bytes]:
-    """The files only global rank 0 writes."""
-    model_tensors, aliases = codec.split_model_state(snapshot.model)
-    tree, tensors = codec.encode(snapshot.train)
-    return {
-        MODEL_FILE: codec.tensors_to_bytes(model_tensors),
-        STATE_TENSORS: codec.tensors_to_bytes(tensors),
-        STATE_JSON: codec.dumps_json({"model_aliases": aliases, "train": tree}),
-    }
+    """The shared files alone (model, state tensors, state JSON) as bytes."""
+    files = encode_files(snapshot, 0, shared=True).to_bytes()
+    del files[rng_file(0)]
+    return files
 
 
 def encode_rank(snapshot: Snapshot, rank: int) -> dict[str, bytes]:
-    """The file each rank writes for itself."""
-    tree, tensors = codec.encode(snapshot.rng)
-    if tensors:
-        raise ValueError("RNG states must be bytes, not tensors")  # internal invariant of state.py
-    return {rng_file(rank): codec.dumps_json(tree)}
+    """One rank's own RNG file as bytes."""
+    return encode_files(snapshot, rank, shared=False).to_bytes()
 
 
 def decode_model(files: dict[str, bytes]) -> dict[str, torch.Tensor]:

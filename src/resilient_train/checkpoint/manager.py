@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manifest import (
     MANIFEST,
+    FormatTooNewError,
     check_file,
     decode_manifest,
     encode_manifest,
@@ -25,6 +26,9 @@ from resilient_train.checkpoint.manifest import (
 )
 from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
+
+if TYPE_CHECKING:
+    from resilient_train.checkpoint.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     manifest: Optional[dict[str, Any]] = None
     reason: Optional[str] = None
+    too_new: bool = False  # written by a newer format version
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,7 @@ class CheckpointManager:
             manifest = decode_manifest(self.root.read_bytes(name, MANIFEST))
         except CheckpointError as exc:
             info.status, info.reason = CORRUPT, str(exc)
+            info.too_new = isinstance(exc, FormatTooNewError)
             return info
         info.manifest = manifest
         info.created_at = manifest.get("created_at")
@@ -160,31 +166,57 @@ class CheckpointManager:
 
     def load_latest(self, wanted: Optional[set[str]] = None) -> Optional[LoadedCheckpoint]:
         """The newest checkpoint that verifies; each one skipped is reported in one line."""
-        for info in reversed(self.list()):
-            if info.status != COMMITTED:
-                log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
-                continue
-            try:
-                return self.load(info, wanted)
-            except CheckpointError as exc:
-                log.warning("skipping checkpoint %s: %s", info.path, exc)
-        return None
+        found = load_newest_valid([self], wanted)
+        return found[1] if found else None
 
     # -- retention -----------------------------------------------------------------------------
-    def prune(self, keep_last: Optional[int], newest_step: int) -> list[int]:
-        """Delete committed checkpoints older than the newest `keep_last`; returns the steps removed.
+    def prune(self, policy: "RetentionPolicy", newest_step: int) -> list[int]:
+        """Apply `policy` right after `newest_step` was committed; returns the steps removed.
 
-        Called right after `newest_step` was committed; only folders at lower steps are candidates,
-        so the checkpoint just written (the newest valid one) survives whatever the setting.
+        Nothing is deleted unless `newest_step` is committed and its files verify (re-read and
+        checksummed); only lower steps are candidates, so the newest valid checkpoint survives.
         """
-        if keep_last is None:
+        infos = [i for i in self.list() if i.step <= newest_step]
+        if not infos or infos[-1].step != newest_step or infos[-1].status != COMMITTED:
             return []
-        committed = [i for i in self.list() if i.status == COMMITTED and i.step <= newest_step]
-        if not committed or committed[-1].step != newest_step:
-            return []  # the new checkpoint did not verify as committed: delete nothing
-        doomed = committed[:-keep_last] if len(committed) > keep_last else []
+        doomed = policy.doomed(infos)
+        if not doomed:
+            return []
+        try:
+            self.load(infos[-1])  # verify the newer checkpoint before deleting older ones
+        except CheckpointError as exc:
+            log.warning("not pruning: the newest checkpoint does not verify (%s)", exc)
+            return []
         for info in doomed:
-            # manifest first: a half-deleted folder must read as incomplete, never as valid
-            self.root.remove(step_dir(info.step), MANIFEST)
-            self.root.remove(step_dir(info.step), recursive=True)
+            self.delete(info.step)
         return [info.step for info in doomed]
+
+    def delete(self, step: int) -> None:
+        """Remove one checkpoint, manifest first: a half-deleted folder reads as incomplete, never valid."""
+        self.root.remove(step_dir(step), MANIFEST)
+        self.root.remove(step_dir(step), recursive=True)
+
+
+def load_newest_valid(
+    managers: list[CheckpointManager], wanted: Optional[set[str]] = None
+) -> Optional[tuple[int, LoadedCheckpoint]]:
+    """Across several storages (run folder, mirror), the newest checkpoint that verifies.
+
+    Returns (index of the manager it came from, the loaded checkpoint); ties go to the first
+    manager. Every checkpoint skipped on the way is reported in one line with the reason.
+    """
+    candidates = sorted(
+        ((info, index) for index, manager in enumerate(managers) for info in manager.list()),
+        key=lambda pair: (-pair[0].step, pair[1]),
+    )
+    for info, index in candidates:
+        if info.too_new:
+            raise FormatTooNewError(f"{info.path}: {info.reason}")
+        if info.status != COMMITTED:
+            log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
+            continue
+        try:
+            return index, managers[index].load(info, wanted)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", info.path, exc)
+    return None

@@ -25,6 +25,10 @@ except ImportError:  # pragma: no cover - google-crc32c is a dependency; keep wo
     google_crc32c = None
 
 
+class FormatTooNewError(CheckpointError):
+    """Written by a newer resilient_train: resuming from an older checkpoint instead would lose work."""
+
+
 def step_dir(step: int) -> str:
     return f"step-{step:09d}"
 
@@ -68,7 +72,7 @@ def decode_manifest(data: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError("manifest.json is not a resilient_train manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
+        raise FormatTooNewError(
             f"checkpoint format {manifest['format_version']} is newer than this resilient_train "
             f"understands ({FORMAT_VERSION}); upgrade resilient_train"
         )

@@ -1,0 +1,71 @@
+"""`checkpoint.mirror`: every committed checkpoint is copied to a second storage in the background.
+
+Typical use: `run_dir` on fast local disk, the mirror on Drive or GCS. The copy is verified at the
+mirror and committed there with the manifest last; retention applies there too. While one copy is
+running, newer checkpoints replace the pending one (the mirror wants the newest, not every one).
+A failing mirror warns and never stops training: the primary copy is intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from resilient_train.checkpoint.manager import CheckpointManager
+from resilient_train.checkpoint.retention import RetentionPolicy
+from resilient_train.checkpoint.transfer import copy_checkpoint, copy_run_files
+from resilient_train.storage import Storage
+
+log = logging.getLogger("resilient_train")
+
+
+class Mirror:
+    """Copies checkpoints from the run folder to a mirror run folder, one at a time."""
+
+    def __init__(self, primary: Storage, mirror: Storage, policy: RetentionPolicy) -> None:
+        self.primary = primary
+        self.mirror = mirror
+        self.source = CheckpointManager(primary)
+        self.target = CheckpointManager(mirror)
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._pending: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self.copied: list[int] = []
+        self.errors: list[str] = []
+
+    def submit(self, step: int) -> None:
+        """Copy checkpoint `step` soon (replacing any copy that is still only pending)."""
+        with self._lock:
+            self._pending = step
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="checkpoint-mirror", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                step, self._pending = self._pending, None
+                if step is None:
+                    self._thread = None  # under the lock: a later submit starts a new thread
+                    return
+            try:
+                copy_run_files(self.primary, self.mirror)
+                info = self.source.info(step)
+                copy_checkpoint(self.source, self.target, info)
+                self.target.prune(self.policy, step)
+                self.copied.append(step)
+            except Exception as exc:  # the primary is fine; say so and carry on
+                message = f"mirror copy of step {step} to {self.mirror.url} failed: {type(exc).__name__}: {exc}"
+                self.errors.append(message)
+                log.warning("%s; training goes on, the next checkpoint will be mirrored", message)
+
+    def close(self) -> None:
+        """Wait for the copy in flight (the final checkpoint must reach the mirror)."""
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return
+            thread.join()

@@ -1,0 +1,302 @@
+"""Config resolution: layer precedence, validation that names the key, Trainer keywords, run.yaml."""
+
+from __future__ import annotations
+
+import pytest
+
+from resilient_train import config
+from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
+from resilient_train.errors import ConfigError, UsageError
+
+
+TASK_CONFIG = {
+    "task": {"hidden": 128, "lr": 3e-4},
+    "trainer": {"max_steps": 500, "batch_size": 16, "precision": "32-true"},
+    "checkpoint": {"keep_last": 5},
+}
+
+
+@pytest.fixture
+def yaml_layer(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "trainer:\n"
+        "  max_steps: 700\n"
+        "  batch_size: 8\n"
+        "task:\n"
+        "  lr: 0.001\n"
+    )
+    return config.load_yaml_layer(str(path))
+
+
+def _expect_config_error(*layers, key: str) -> ConfigError:
+    with pytest.raises(ConfigError) as excinfo:
+        config.resolve(*layers)
+    assert excinfo.value.key == key
+    assert f"'{key}'" in str(excinfo.value)
+    return excinfo.value
+
+
+# -- precedence ----------------------------------------------------------------------------------
+
+
+def test_resolve_without_layers_gives_the_schema_defaults():
+    cfg = config.resolve()
+    assert cfg == RunConfig()
+    assert cfg.trainer.max_steps == TrainerConfig().max_steps
+    assert cfg.checkpoint.keep_last == CheckpointConfig().keep_last
+
+
+def test_task_config_overrides_defaults_and_leaves_other_keys_at_default():
+    cfg = config.resolve(TASK_CONFIG)
+    assert cfg.trainer.max_steps == 500
+    assert cfg.trainer.batch_size == 16
+    assert cfg.checkpoint.keep_last == 5
+    assert cfg.task == {"hidden": 128, "lr": 3e-4}
+    assert cfg.trainer.accumulate_grad_batches == TrainerConfig().accumulate_grad_batches
+    assert cfg.seed == RunConfig().seed
+
+
+def test_yaml_file_overrides_task_config(yaml_layer):
+    cfg = config.resolve(TASK_CONFIG, yaml_layer)
+    assert cfg.trainer.max_steps == 700
+    assert cfg.trainer.batch_size == 8
+    assert cfg.task["lr"] == 0.001
+    # keys the yaml does not mention keep the task CONFIG value
+    assert cfg.task["hidden"] == 128
+    assert cfg.trainer.precision == "32-true"
+    assert cfg.checkpoint.keep_last == 5
+
+
+def test_key_value_overrides_win_over_yaml_and_task_config(yaml_layer):
+    overrides = config.parse_overrides(["trainer.max_steps=900", "task.lr=0.5", "seed=7"])
+    cfg = config.resolve(TASK_CONFIG, yaml_layer, overrides)
+    assert cfg.trainer.max_steps == 900
+    assert cfg.task["lr"] == 0.5
+    assert cfg.seed == 7
+    assert cfg.trainer.batch_size == 8  # from the yaml, untouched by the overrides
+    assert cfg.task["hidden"] == 128  # from the task CONFIG
+
+
+def test_none_layers_are_skipped():
+    assert config.resolve(None, TASK_CONFIG, None) == config.resolve(TASK_CONFIG)
+
+
+def test_overrides_parse_values_as_yaml():
+    layer = config.parse_overrides(
+        ["trainer.gradient_clip_val=1e-3", "trainer.gradient_checkpointing=true", "trainer.devices=[0,1]"]
+    )
+    cfg = config.resolve(layer)
+    assert cfg.trainer.gradient_clip_val == pytest.approx(1e-3)
+    assert cfg.trainer.gradient_checkpointing is True
+    assert list(cfg.trainer.devices) == [0, 1]
+
+
+@pytest.mark.parametrize("item", ["trainer.max_steps", "=5", "no-equals-sign"])
+def test_override_without_key_value_form_is_a_usage_error(item):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        config.parse_overrides([item])
+
+
+def test_missing_yaml_file_is_a_usage_error_naming_the_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(UsageError, match="nope.yaml"):
+        config.load_yaml_layer(path)
+
+
+def test_yaml_file_holding_a_list_is_a_usage_error(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="mapping"):
+        config.load_yaml_layer(str(path))
+
+
+def test_invalid_yaml_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer: [unclosed\n")
+    with pytest.raises(UsageError, match="bad.yaml"):
+        config.load_yaml_layer(str(path))
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layer, key",
+    [
+        ({"trainer": {"max_stepz": 10}}, "trainer.max_stepz"),
+        ({"checkpoint": {"keep_lats": 1}}, "checkpoint.keep_lats"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_unknown_key_is_rejected_naming_the_key(layer, key):
+    err = _expect_config_error(layer, key=key)
+    assert "unknown key" in str(err)
+
+
+def test_user_task_section_accepts_any_keys():
+    cfg = config.resolve({"task": {"anything": {"nested": [1, 2]}, "lr": 0.1}})
+    assert cfg.task["anything"]["nested"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("trainer.batch_size=1.5", "trainer.batch_size"),
+        ("trainer.gradient_checkpointing=maybe", "trainer.gradient_checkpointing"),
+        ("checkpoint.every_n_steps=often", "checkpoint.every_n_steps"),
+        ("seed=abc", "seed"),
+    ],
+)
+def test_wrong_type_is_rejected_naming_the_key(override, key):
+    _expect_config_error(config.parse_overrides([override]), key=key)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_steps=-5", "trainer.max_steps"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+        ("trainer.gradient_clip_val=-1.0", "trainer.gradient_clip_val"),
+        ("trainer.num_workers=-1", "trainer.num_workers"),
+        ("trainer.num_nodes=0", "trainer.num_nodes"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("trainer.accelerator=quantum", "trainer.accelerator"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),
+        ("checkpoint.every_minutes=0", "checkpoint.every_minutes"),
+        ("seed=-1", "seed"),
+        ("trainer.max_steps=null", "trainer.max_steps"),
+    ],
+)
+def test_impossible_value_is_rejected_naming_the_key(override, key):
+    _expect_config_error(config.parse_overrides([override]), key=key)
+
+
+def test_unknown_precision_message_lists_the_valid_choices():
+    err = _expect_config_error({"trainer": {"precision": "fp8"}}, key="trainer.precision")
+    assert "bf16-mixed" in str(err)
+
+
+def test_empty_run_dir_is_rejected_naming_the_key():
+    _expect_config_error({"run_dir": "  "}, key="run_dir")
+
+
+@pytest.mark.parametrize("devices", ["foo", 0, -2, True, 1.5, ["a"]])
+def test_bad_devices_are_rejected_naming_the_key(devices):
+    _expect_config_error({"trainer": {"devices": devices}}, key="trainer.devices")
+
+
+@pytest.mark.parametrize("devices", [[], [0, -1]])
+def test_empty_or_negative_device_list_is_rejected_naming_the_key(devices):
+    _expect_config_error({"trainer": {"devices": devices}}, key="trainer.devices")
+
+
+@pytest.mark.parametrize("devices", ["auto", 1, 4, -1, [0], [0, 1]])
+def test_valid_devices_are_accepted(devices):
+    cfg = config.resolve({"trainer": {"devices": devices}})
+    assert cfg.trainer.devices == devices or list(cfg.trainer.devices) == devices
+
+
+def test_keep_last_none_keeps_every_checkpoint_and_is_accepted():
+    cfg = config.resolve(config.parse_overrides(["checkpoint.keep_last=null"]))
+    assert cfg.checkpoint.keep_last is None
+
+
+def test_config_error_is_a_usage_error_with_exit_code_2():
+    with pytest.raises(UsageError) as excinfo:
+        config.resolve({"trainer": {"max_steps": -1}})
+    assert excinfo.value.exit_code == 2
+
+
+# -- Trainer keywords ----------------------------------------------------------------------------
+
+
+def test_flat_trainer_keywords_land_in_their_sections():
+    layer = config.kwargs_layer(
+        {"run_dir": "runs/x", "seed": 3, "max_steps": 50, "batch_size": 4, "keep_last": 2, "every_minutes": 5.0}
+    )
+    assert layer == {
+        "run_dir": "runs/x",
+        "seed": 3,
+        "trainer": {"max_steps": 50, "batch_size": 4},
+        "checkpoint": {"keep_last": 2, "every_minutes": 5.0},
+    }
+    cfg = config.resolve(layer)
+    assert (cfg.run_dir, cfg.seed) == ("runs/x", 3)
+    assert (cfg.trainer.max_steps, cfg.trainer.batch_size) == (50, 4)
+    assert (cfg.checkpoint.keep_last, cfg.checkpoint.every_minutes) == (2, 5.0)
+
+
+def test_whole_sections_may_be_given_as_dicts_or_dataclasses():
+    layer = config.kwargs_layer(
+        {"checkpoint": {"keep_last": 1}, "trainer": TrainerConfig(max_steps=9), "task": {"lr": 0.2}}
+    )
+    cfg = config.resolve(layer)
+    assert cfg.checkpoint.keep_last == 1
+    assert cfg.trainer.max_steps == 9
+    assert cfg.task == {"lr": 0.2}
+
+
+def test_unknown_trainer_keyword_is_a_usage_error_naming_it():
+    with pytest.raises(UsageError, match="max_stepz"):
+        config.kwargs_layer({"max_stepz": 10})
+
+
+def test_keyword_values_are_validated_like_any_layer():
+    _expect_config_error(config.kwargs_layer({"keep_last": 0}), key="checkpoint.keep_last")
+
+
+def test_keywords_override_the_task_config_when_given_last():
+    cfg = config.resolve(TASK_CONFIG, config.kwargs_layer({"max_steps": 11}))
+    assert cfg.trainer.max_steps == 11
+    assert cfg.trainer.batch_size == 16
+
+
+# -- hash and run.yaml ---------------------------------------------------------------------------
+
+
+def test_hash_ignores_run_dir():
+    a = config.resolve(TASK_CONFIG, {"run_dir": "runs/a"})
+    b = config.resolve(TASK_CONFIG, {"run_dir": "gs://bucket/b"})
+    assert a.hash() == b.hash()
+
+
+@pytest.mark.parametrize("layer", [{"seed": 1}, {"trainer": {"max_steps": 501}}, {"task": {"lr": 1.0}}])
+def test_hash_changes_with_anything_that_shapes_training(layer):
+    base = config.resolve(TASK_CONFIG)
+    assert config.resolve(TASK_CONFIG, layer).hash() != base.hash()
+
+
+def test_hash_is_stable_across_calls():
+    cfg = config.resolve(TASK_CONFIG)
+    assert cfg.hash() == config.resolve(TASK_CONFIG).hash()
+    assert len(cfg.hash()) == 16
+
+
+def test_to_yaml_round_trips_through_load_run_yaml_and_resolve(yaml_layer):
+    original = config.resolve(
+        TASK_CONFIG,
+        yaml_layer,
+        config.parse_overrides(
+            ["run_dir=gs://bucket/exp1", "trainer.devices=[0,1]", "checkpoint.every_minutes=7.5",
+             "trainer.gradient_clip_val=0.5", "trainer.checkpoint_modules=[Block]"]
+        ),
+    )
+    restored = config.resolve(config.load_run_yaml(original.to_yaml()))
+    assert restored == original
+    assert restored.hash() == original.hash()
+
+
+def test_load_run_yaml_rejects_a_non_mapping():
+    with pytest.raises(UsageError):
+        config.load_run_yaml("- just\n- a list\n")
+
+
+def test_to_dictconfig_gives_attribute_access():
+    cfg = config.resolve(TASK_CONFIG).to_dictconfig()
+    assert cfg.task.lr == 3e-4
+    assert cfg.trainer.max_steps == 500

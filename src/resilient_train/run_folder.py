@@ -48,6 +48,11 @@ class RunFolder:
             raise NotFoundError(f"no run at '{self.storage.url}' (no run.yaml); start one with `run TASK --run-dir {self.storage.url}`")
         return load_run_yaml(self.storage.read_text(RUN_YAML))
 
+    def read_config_layer_dict(self) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(self.read_config_layer(), resolve=False)
+
     def read_config(self) -> RunConfig:
         return resolve(self.read_config_layer())
 

@@ -239,13 +239,17 @@ class Trainer:
         """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
         wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
-        found = load_newest_valid(managers, wanted) if rank == 0 else None
+        found = load_newest_valid(managers, wanted, decode=lambda c: c.snapshot(rank)) if rank == 0 else None
         choice = fabric.broadcast((found[0], found[1].info.step) if found else None)
         if choice is None:
             return state_lib.Progress(), None
         index, step = choice
-        loaded = found[1] if found else managers[index].load(managers[index].info(step), wanted)
-        progress, problems = state_lib.restore(loaded.snapshot(rank), model, optimizer, scheduler, scaler)
+        if found is not None:
+            _, loaded, snapshot = found
+        else:
+            loaded = managers[index].load(managers[index].info(step), wanted)
+            snapshot = loaded.snapshot(rank)
+        progress, problems = state_lib.restore(snapshot, model, optimizer, scheduler, scaler)
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")

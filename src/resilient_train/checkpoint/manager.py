@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manifest import (
@@ -126,7 +126,9 @@ class CheckpointManager:
         """Clear debris of an interrupted save at `step`; False if `step` is already committed."""
         info = self._describe(step)
         if info.status == COMMITTED:
-            return False
+            if not self.verify(info):
+                return False
+            log.warning("rewriting checkpoint %s: it does not verify", info.path)
         if self.root.exists(step_dir(step)):
             self.root.remove(step_dir(step), recursive=True)
         return True
@@ -164,6 +166,31 @@ class CheckpointManager:
             files[fname] = data
         return LoadedCheckpoint(info=info, manifest=info.manifest, files=files)
 
+    def verify(self, info: CheckpointInfo) -> list[str]:
+        """Re-read every byte of a checkpoint; one line per file that does not match its manifest.
+
+        On stores that keep a checksum per object (GCS) that checksum is compared as well, which
+        catches an object replaced behind our back even when its size is unchanged.
+        """
+        if info.status != COMMITTED or info.manifest is None:
+            return [f"{step_dir(info.step)}: {info.status} ({info.reason})"]
+        name = step_dir(info.step)
+        problems = []
+        for fname, record in info.manifest["files"].items():
+            try:
+                data = self.root.read_bytes(name, fname)
+            except FileNotFoundError:
+                problems.append(f"{name}/{fname}: missing")
+                continue
+            problem = check_file(fname, data, record)
+            if problem is None and "crc32c" in record:
+                stored = self.root.checksum_from_store(name, fname)
+                if stored is not None and stored != record["crc32c"]:
+                    problem = f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
+            if problem:
+                problems.append(f"{name}/{problem}")
+        return problems
+
     def load_latest(self, wanted: Optional[set[str]] = None) -> Optional[LoadedCheckpoint]:
         """The newest checkpoint that verifies; each one skipped is reported in one line."""
         found = load_newest_valid([self], wanted)
@@ -198,12 +225,15 @@ class CheckpointManager:
 
 
 def load_newest_valid(
-    managers: list[CheckpointManager], wanted: Optional[set[str]] = None
-) -> Optional[tuple[int, LoadedCheckpoint]]:
-    """Across several storages (run folder, mirror), the newest checkpoint that verifies.
+    managers: list[CheckpointManager],
+    wanted: Optional[set[str]] = None,
+    decode: Optional[Callable[[LoadedCheckpoint], Any]] = None,
+) -> Optional[tuple[int, LoadedCheckpoint, Any]]:
+    """Across several storages (run folder, mirror), the newest checkpoint that verifies and decodes.
 
-    Returns (index of the manager it came from, the loaded checkpoint); ties go to the first
-    manager. Every checkpoint skipped on the way is reported in one line with the reason.
+    Returns (index of the manager it came from, the loaded checkpoint, `decode(loaded)`); ties go
+    to the first manager. A checkpoint whose files verify but do not decode (a foreign or hostile
+    file under our name) is skipped like a corrupt one. Every skip is reported in one line.
     """
     candidates = sorted(
         ((info, index) for index, manager in enumerate(managers) for info in manager.list()),
@@ -216,7 +246,8 @@ def load_newest_valid(
             log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
             continue
         try:
-            return index, managers[index].load(info, wanted)
+            loaded = managers[index].load(info, wanted)
+            return index, loaded, decode(loaded) if decode is not None else None
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", info.path, exc)
     return None

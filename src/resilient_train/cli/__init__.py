@@ -60,6 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET")
     p.add_argument("out", metavar="OUT.safetensors")
     p.set_defaults(command="export")
+    p = sub.add_parser("verify", parents=[common], help="re-read every byte of checkpoints against their manifests",
+                       description="Check every file of TARGET (a run: all its checkpoints; or one checkpoint folder) against the sizes and checksums in its manifest. Exit 1 naming the broken files.")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(command="verify")
+
+    p = sub.add_parser("sync", parents=[common], help="copy a run between storages, verifying what arrives",
+                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and every committed checkpoint, each file verified at DST and the manifest written last. Checkpoints already at DST are skipped.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.set_defaults(command="sync")
+
+    p = sub.add_parser("inspect", parents=[common], help="show a run's or checkpoint's metadata",
+                       description="Show TARGET's metadata: step, config, sessions, the environment each checkpoint was written in, precision, world size.")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(command="inspect")
+
+    p = sub.add_parser("env", parents=[common], help="show torch, CUDA, GPU and the precision `auto` would choose",
+                       description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the precision trainer.precision=auto would choose here.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(command="env")
     return parser
 
 

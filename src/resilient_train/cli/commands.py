@@ -14,7 +14,11 @@ from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manager import COMMITTED
 from resilient_train.checkpoint.manifest import MANIFEST, parse_step_dir
 from resilient_train.config import RunConfig, load_yaml_layer, parse_overrides, resolve
-from resilient_train.errors import NotFoundError
+from resilient_train.errors import NotFoundError, ResilientTrainError
+
+
+class VerificationFailed(ResilientTrainError):
+    """`verify` found files that do not match their manifest (exit 1)."""
 from resilient_train.run_folder import RunFolder
 from resilient_train.seeding import seed_everything
 from resilient_train.storage import Storage
@@ -123,3 +127,111 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    manager, info = _resolve_checkpoint(args.target)
+    infos = [info] if info is not None else manager.list()
+    if not infos:
+        raise NotFoundError(f"no checkpoints in '{args.target}'")
+    broken: list[str] = []
+    for item in infos:
+        if item.status == "incomplete" and info is None:
+            print(f"step {item.step}: incomplete, not verified ({item.reason})")
+            continue
+        problems = manager.verify(item)
+        print(f"step {item.step}: " + ("ok" if not problems else "BROKEN"))
+        for problem in problems:
+            print(f"  {problem}")
+        broken += problems
+    if broken:
+        names = ", ".join(p.split(":")[0] for p in broken)
+        raise VerificationFailed(f"{len(broken)} file(s) failed verification: {names}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from resilient_train.checkpoint.transfer import copy_checkpoint, copy_run_files, same_checkpoint
+
+    src, dst = _require_run(args.src), Storage(args.dst)
+    source, target = CheckpointManager(src), CheckpointManager(dst)
+    present = {i.step: i for i in target.list()}
+    todo, skipped, ignored = [], 0, 0
+    for info in source.list():
+        if info.status != COMMITTED:
+            ignored += 1
+            print(f"step {info.step}: {info.status}, not copied ({info.reason})", file=sys.stderr)
+        elif info.step in present and same_checkpoint(info, present[info.step]):
+            skipped += 1
+        else:
+            todo.append(info)
+    files = copy_run_files(src, dst)
+    total = sum(r["bytes"] for i in todo for r in (i.manifest or {}).get("files", {}).values())
+    copied = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=not todo) as bar:
+        for info in todo:  # oldest first: an interrupted sync leaves a usable prefix
+            copied += copy_checkpoint(source, target, info, on_bytes=bar.update)
+    print(
+        f"synced {args.src} -> {args.dst}: {len(todo)} checkpoint(s) copied ({_size(copied)}) and verified, "
+        f"{skipped} already there, {ignored} not committed; {files} run file(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    manager, info = _resolve_checkpoint(args.target)
+    run = manager.run
+    folder = RunFolder(run)
+    report: dict[str, Any] = {"run": run.url}
+    if folder.has_run():
+        report["config"] = folder.read_config_layer_dict()
+    report["sessions"] = folder.sessions()
+    infos = manager.list()
+    chosen = info or next((i for i in reversed(infos) if i.status == COMMITTED), None)
+    report["checkpoints"] = [{"step": i.step, "status": i.status} for i in infos]
+    if chosen is not None:
+        report["checkpoint"] = {"path": chosen.path, "status": chosen.status, "reason": chosen.reason, **(chosen.manifest or {})}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"run: {run.url}")
+    for s in report["sessions"]:
+        print(f"  session {s.get('session')}: from step {s.get('start_step')}, {s.get('started_at')}, "
+              f"world size {s.get('world_size')}, {s.get('precision')}, {_machine(s.get('environment', {}))}")
+    ck = report.get("checkpoint")
+    if ck is None:
+        print("no committed checkpoint")
+        return 0
+    print(f"checkpoint: {ck['path']} ({ck['status']})")
+    for key in ("step", "epoch", "cursor", "samples_seen", "world_size", "precision", "config_hash", "created_at"):
+        if key in ck:
+            print(f"  {key}: {ck[key]}")
+    if ck.get("metrics"):
+        print("  metrics: " + " ".join(f"{k}={v:.4g}" for k, v in ck["metrics"].items()))
+    if ck.get("environment"):
+        print(f"  written on: {_machine(ck['environment'])}, torch {ck['environment'].get('torch')}, python {ck['environment'].get('python')}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from resilient_train.env import fingerprint
+    from resilient_train.runtime import auto_precision
+
+    info = {**fingerprint(), "precision_auto": auto_precision()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "gpus":
+            value = "; ".join(f"{g['name']} ({g['memory_gib']} GiB, capability {g['capability']})" for g in value) or "none"
+        print(f"{key:>16}: {value}")
+    return 0
+
+
+def _machine(env: dict[str, Any]) -> str:
+    gpus = env.get("gpus") or []
+    device = ", ".join(g.get("name", "?") for g in gpus) if gpus else "CPU"
+    return f"{device} ({env.get('host', '?')})"

@@ -124,8 +124,8 @@ def capture(
 ) -> Snapshot:
     """The training state at a step boundary.
 
-    Tensors may alias live parameters (on CPU `.cpu()` does not copy): encode the snapshot before
-    the next optimizer step changes them.
+    Parameter and optimizer tensors alias the live state: encode or copy the snapshot before the
+    next optimizer step changes them (CheckpointSaver.before_update waits for that).
     """
     train = {
         "optimizer": optimizer.state_dict(),
@@ -133,7 +133,11 @@ def capture(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "progress": asdict(progress),
     }
-    return Snapshot(model=model_state(model), train=train, rng=capture_rng())
+    # buffers (BatchNorm statistics) change during forward, so an async save must not read them
+    # later: copy them now; parameters only change in optimizer.step(), which waits for the save
+    parameters = {p.data_ptr() for p in model.parameters()}
+    weights = {k: v if v.data_ptr() in parameters else v.clone() for k, v in model_state(model).items()}
+    return Snapshot(model=weights, train=train, rng=capture_rng())
 
 
 def restore(

@@ -17,13 +17,14 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Buffer = Union[bytes, bytearray, memoryview]
 
 # errno values a flaky mount or network produces and that a retry can cure: EIO and ENOTCONN
 # ("Transport endpoint is not connected") from the Colab Drive FUSE client, resets and timeouts.
@@ -135,13 +136,39 @@ class Storage:
         path = self.path(*parts)
         self._retry(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}")
 
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Write a whole file so readers see all of it or none of it (see module docstring)."""
+    def write_bytes(self, data: Union[bytes, Sequence[Buffer]], *parts: str) -> None:
+        """Write a whole file so readers see all of it or none of it (see module docstring).
+
+        `data` is bytes or a sequence of buffers (chunks written in order without joining them
+        first on local disk, which saves a copy of large tensor files).
+        """
         path = self.path(*parts)
+        chunks: Sequence[Buffer] = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         if self.is_local:
-            self._retry(lambda: _write_local(path, data), f"writing {path}")
+            self._retry(lambda: _write_local(path, chunks), f"writing {path}")
         else:
-            self._retry(lambda: self.fs.pipe_file(path, data), f"writing {path}")
+            joined = chunks[0] if len(chunks) == 1 and isinstance(chunks[0], bytes) else b"".join(chunks)
+            self._retry(lambda: self.fs.pipe_file(path, joined), f"writing {path}")
+
+    def read_buffer(self, *parts: str) -> bytearray:
+        """A file's contents as a writable buffer (tensors can view it without another copy)."""
+        path = self.path(*parts)
+        if not self.is_local:
+            return bytearray(self.read_bytes(*parts))
+
+        def read() -> bytearray:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                buffer = bytearray(size)
+                view, done = memoryview(buffer), 0
+                while done < size:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise OSError(errno.EIO, f"{path} shrank while being read")
+                    done += n
+                return buffer
+
+        return self._retry(read, f"reading {path}")
 
     def checksum_from_store(self, *parts: str) -> Optional[str]:
         """The crc32c (hex) the object store itself keeps for a file, where it keeps one (GCS)."""
@@ -173,14 +200,15 @@ class Storage:
         self.fs.invalidate_cache(posixpath.dirname(path))
 
 
-def _write_local(path: str, data: bytes) -> None:
+def _write_local(path: str, chunks: Sequence[Buffer]) -> None:
     """Temp file in the same folder, fsync, `os.replace`, fsync the folder."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -175,6 +175,7 @@ class Trainer:
                         loss = step_fn(model, batch)
                         fabric.backward(loss / micro_batches)
                     loss_sum += loss.detach()
+                saver.before_update()  # a background save finishes copying the state first
                 if tcfg.gradient_clip_val is not None:
                     fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
                 optimizer.step()

@@ -13,12 +13,11 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Any
+from typing import Any, Union
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from resilient_train.checkpoint import tensorfile
 from resilient_train.errors import CheckpointError
 
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__bytes__", "__float__")
@@ -101,15 +100,13 @@ def loads_json(data: bytes, name: str) -> Any:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of a flat tensor table (contiguous CPU copies, shared storage allowed)."""
-    return st_save({k: _standalone(t) for k, t in tensors.items()})
+    """safetensors bytes of a flat tensor table (for small files; large ones use tensorfile chunks)."""
+    return tensorfile.serialize(tensors).tobytes()
 
 
-def tensors_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError on bad headers
-        raise CheckpointError(f"{name} is not a valid safetensors file ({str(exc).splitlines()[0][:120]})") from None
+def tensors_from_bytes(data: Union[bytes, bytearray], name: str) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes, validated; a bytearray is viewed without a copy."""
+    return tensorfile.deserialize(data, name)
 
 
 def split_model_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -143,10 +140,3 @@ def _storage_identity(t: torch.Tensor) -> tuple:
         return (id(t),)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
-
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor owning exactly its bytes (safetensors rejects shared storage)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t

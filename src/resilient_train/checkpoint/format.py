@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from resilient_train.checkpoint import codec
+from resilient_train.checkpoint import codec, tensorfile
 
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS = "state.safetensors"
@@ -56,10 +56,14 @@ class EncodedFiles:
         }
         buffers.synchronize()
 
-    def to_bytes(self) -> dict[str, bytes]:
-        files = {name: codec.tensors_to_bytes(table) for name, table in self.tensor_files.items()}
+    def serialize(self) -> dict[str, Any]:
+        """Each file's contents: bytes, or the zero-copy chunks of a tensor file."""
+        files: dict[str, Any] = {name: tensorfile.serialize(table) for name, table in self.tensor_files.items()}
         files.update(self.json_files)
         return files
+
+    def to_bytes(self) -> dict[str, bytes]:
+        return {name: data if isinstance(data, bytes) else data.tobytes() for name, data in self.serialize().items()}
 
     @property
     def nbytes(self) -> int:

@@ -133,14 +133,15 @@ class CheckpointManager:
             self.root.remove(step_dir(step), recursive=True)
         return True
 
-    def write_files(self, step: int, files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-        """Write one rank's files of a checkpoint; returns their manifest records."""
+    def write_files(self, step: int, files: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Write one rank's files of a checkpoint (bytes or chunk lists); returns their records."""
         name = step_dir(step)
         self.root.makedirs(name)
         records = {}
         for fname, data in files.items():
-            self.root.write_bytes(data, name, fname)
-            records[fname] = file_record(data)
+            chunks = [data] if isinstance(data, bytes) else list(data)
+            self.root.write_bytes(chunks, name, fname)
+            records[fname] = file_record(chunks)
         return records
 
     def commit(self, step: int, records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> CheckpointInfo:
@@ -159,7 +160,7 @@ class CheckpointManager:
         for fname, record in info.manifest["files"].items():
             if wanted is not None and fname not in wanted:
                 continue
-            data = self.root.read_bytes(name, fname)
+            data = self.root.read_buffer(name, fname)
             problem = check_file(fname, data, record)
             if problem:
                 raise CheckpointError(f"{info.path} is corrupt: {problem}")
@@ -178,7 +179,7 @@ class CheckpointManager:
         problems = []
         for fname, record in info.manifest["files"].items():
             try:
-                data = self.root.read_bytes(name, fname)
+                data = self.root.read_buffer(name, fname)
             except FileNotFoundError:
                 problems.append(f"{name}/{fname}: missing")
                 continue

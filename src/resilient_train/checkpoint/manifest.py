@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+_BOUNCE = 1 << 20
 
 from resilient_train.checkpoint.codec import dumps_json, loads_json
 from resilient_train.errors import CheckpointError
@@ -39,21 +42,44 @@ def parse_step_dir(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def file_record(data: bytes) -> dict[str, Any]:
+def crc32c_hex(chunks: Iterable[Buffer]) -> str:
+    """crc32c of buffers in order; google-crc32c takes only `bytes`, so other buffers pass
+    through a small bounce copy (1 MiB at a time stays in cache: ~5 GB/s)."""
+    crc = 0
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            crc = google_crc32c.extend(crc, chunk)
+            continue
+        view = memoryview(chunk).cast("B")
+        for start in range(0, len(view), _BOUNCE):
+            crc = google_crc32c.extend(crc, bytes(view[start : start + _BOUNCE]))
+    return f"{crc:08x}"
+
+
+def _chunks(data: Union[Buffer, Iterable[Buffer]]) -> list[Buffer]:
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+
+
+def file_record(data: Union[Buffer, Iterable[Buffer]]) -> dict[str, Any]:
     """Size and checksum of one file's bytes, as the manifest stores them."""
+    chunks = _chunks(data)
+    size = sum(len(c) for c in chunks)
     if google_crc32c is not None:
-        return {"bytes": len(data), "crc32c": f"{google_crc32c.value(data):08x}"}
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return {"bytes": size, "crc32c": crc32c_hex(chunks)}
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def check_file(name: str, data: bytes, record: dict[str, Any]) -> Optional[str]:
+def check_file(name: str, data: Buffer, record: dict[str, Any]) -> Optional[str]:
     """Why `data` does not match its manifest record, or None when it does."""
     if len(data) != record.get("bytes"):
         return f"{name}: {len(data)} bytes, manifest says {record.get('bytes')}"
     if "crc32c" in record:
         if google_crc32c is None:
             return None  # cannot check crc32c here; sizes matched
-        actual = f"{google_crc32c.value(data):08x}"
+        actual = crc32c_hex([data])
         if actual != record["crc32c"]:
             return f"{name}: crc32c {actual}, manifest says {record['crc32c']}"
     elif "sha256" in record:

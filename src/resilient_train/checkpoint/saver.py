@@ -1,9 +1,11 @@
 """Saving during training: when (policy), how (sync or in the background), and what if it fails.
 
 One save, on every rank:
-  1. main thread, at a step boundary: snapshot the state; for an async save, copy its tensors into
-     reused host buffers (the only part that stalls training);
-  2. (background thread when async) rank 0 checks the lease and clears debris of an interrupted
+  1. main thread, at a step boundary: snapshot the state (references to the live tensors, plus
+     everything that is not a tensor);
+  2. (background thread when async) copy the tensors into reused host buffers, while the next
+     step's forward and backward run (the loop waits for this copy before the optimizer step, the
+     only stall an async save causes); then rank 0 checks the lease and clears debris of an interrupted
      save at this step; every rank serialises and writes its files; ranks exchange file records;
      rank 0 checks the lease again, writes the manifest last, verifies, prunes, and hands the
      checkpoint to the mirror.
@@ -107,9 +109,12 @@ class AutoAsync:
         elif not writer_busy:
             self._steps.append(seconds)
 
-    def started_async(self, copy_stall: float) -> None:
-        self.copy_stall = copy_stall
+    def started_async(self, stall: float) -> None:
+        self.copy_stall = stall
         self._baseline = statistics.median(self._steps) if self._steps else 0.0
+
+    def add_stall(self, seconds: float) -> None:
+        self.copy_stall = (self.copy_stall or 0.0) + seconds
 
     def finished_async(self) -> bool:
         cost = (self.copy_stall or 0.0) + self._extra
@@ -150,6 +155,7 @@ class CheckpointSaver:
         self._thread: Optional[threading.Thread] = None
         self._outcome: Optional[SaveOutcome] = None
         self._async_run = False
+        self._staged: Optional[threading.Event] = None
         self._last_step_end = time.monotonic()
 
     # -- policy --------------------------------------------------------------------------------
@@ -198,11 +204,11 @@ class CheckpointSaver:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         }
         if run_async:
-            files.stage(self.buffers)
             if self.auto is not None and self.auto.decided is None:
                 self.auto.started_async(time.monotonic() - started)
             self._async_run = True
-            self._thread = threading.Thread(target=self._run, args=(step, files, meta), name=f"checkpoint-{step}", daemon=True)
+            self._staged = threading.Event()
+            self._thread = threading.Thread(target=self._run_async, args=(step, files, meta, self._staged), name=f"checkpoint-{step}", daemon=True)
             self._thread.start()
         else:
             self._async_run = False
@@ -211,6 +217,19 @@ class CheckpointSaver:
             if self.auto is not None and self.auto.sync_stall is None and not final:
                 self.auto.sync_stall = time.monotonic() - started
         self._last_save = time.monotonic()
+
+    def before_update(self) -> None:
+        """Called before the optimizer changes any state: a background save must have copied it.
+
+        The copy into host buffers runs in the writer thread and overlaps the next step's forward
+        and backward pass, which only read the weights; only what is left of it stalls training.
+        """
+        staged, self._staged = self._staged, None
+        if staged is not None and not staged.is_set():
+            started = time.monotonic()
+            staged.wait()
+            if self.auto is not None and self.auto.decided is None:
+                self.auto.add_stall(time.monotonic() - started)
 
     def finish(self) -> None:
         """Wait for a save in flight and the mirror; raise if the save failed."""
@@ -253,6 +272,16 @@ class CheckpointSaver:
             outcome.step, outcome.error, self.failures, self.ck.max_consecutive_failures, last,
         )
 
+    def _run_async(self, step: int, files: fmt.EncodedFiles, meta: dict[str, Any], staged: threading.Event) -> None:
+        try:
+            files.stage(self.buffers)
+        except Exception as exc:
+            self._outcome = SaveOutcome(step, ok=False, error=f"copying the state to host memory failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            staged.set()
+        self._run(step, files, meta)
+
     def _run(self, step: int, files: fmt.EncodedFiles, meta: dict[str, Any]) -> None:
         """The save protocol; never raises (the outcome is collected on the main thread)."""
         try:
@@ -269,7 +298,7 @@ class CheckpointSaver:
         if not decision["ok"] or decision.get("skip"):
             return SaveOutcome(step, ok=decision["ok"], error=decision.get("error"), fenced=decision.get("fenced", False),
                                skipped=bool(decision.get("skip")), path=decision.get("path"))
-        written = _guard(lambda: {"records": self.manager.write_files(step, files.to_bytes())})
+        written = _guard(lambda: {"records": self.manager.write_files(step, files.serialize())})
         everyone = c.gather(written)
         result: Optional[dict[str, Any]] = None
         if rank == 0:

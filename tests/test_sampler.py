@@ -69,7 +69,7 @@ def test_epoch_order_does_not_touch_the_global_rng():
 
 
 def test_rank_shards_of_a_global_batch_are_disjoint_and_cover_the_global_slice():
-    n, b, w, seed = 40, 3, 4, 11
+    n, b, w, seed = 36, 3, 4, 11  # 3 full global batches of 12, no tail
     order = epoch_order(n, seed, 0).tolist()
     per_rank = [list(ResumableBatchSampler(n, b, seed, rank=r, world_size=w)) for r in range(w)]
     assert all(len(batches) == n // (b * w) for batches in per_rank)
@@ -80,9 +80,9 @@ def test_rank_shards_of_a_global_batch_are_disjoint_and_cover_the_global_slice()
         assert flat == order[k * b * w : (k + 1) * b * w]
 
 
-def test_one_epoch_visits_each_sample_at_most_once():
+def test_one_epoch_visits_each_sample_exactly_once_including_the_tail():
     seen = _flatten(_global_batches(37, 4, 2, seed=0))
-    assert len(seen) == len(set(seen)) == (37 // 8) * 8
+    assert sorted(seen) == list(range(37))
 
 
 def test_resuming_at_a_cursor_yields_exactly_the_remaining_batches():
@@ -119,13 +119,19 @@ def test_resume_on_another_world_size_sees_the_rest_of_the_epoch_exactly_once():
     assert before + after == full
 
 
-def test_trailing_partial_global_batch_is_dropped():
+def test_trailing_partial_global_batch_is_split_across_ranks():
     n, b, w = 23, 3, 2  # global batch 6: 3 full global batches, 5 samples left over
     per_rank = [list(ResumableBatchSampler(n, b, 0, rank=r, world_size=w)) for r in range(w)]
-    assert [len(batches) for batches in per_rank] == [3, 3]
-    assert all(len(batch) == b for batches in per_rank for batch in batches)
-    assert len(ResumableBatchSampler(n, b, 0, rank=0, world_size=w)) == 3
-    assert ResumableBatchSampler(n, b, 0, world_size=w).batches_per_epoch == 3
+    assert [len(batches) for batches in per_rank] == [4, 4]
+    assert [len(batches[-1]) for batches in per_rank] == [3, 2]  # earlier ranks take the extra one
+    assert sorted(_flatten([_flatten(batches) for batches in per_rank])) == list(range(n))
+    assert len(ResumableBatchSampler(n, b, 0, rank=0, world_size=w)) == 4
+
+
+def test_a_tail_smaller_than_the_world_size_is_dropped():
+    n, b, w = 25, 4, 3  # global batch 12: 2 full, 1 sample left for 3 ranks
+    per_rank = [list(ResumableBatchSampler(n, b, 0, rank=r, world_size=w)) for r in range(w)]
+    assert [len(batches) for batches in per_rank] == [2, 2, 2]
 
 
 def test_dataset_smaller_than_a_global_batch_is_a_usage_error():
@@ -147,17 +153,17 @@ def _stream(n: int, batch_size: int, seed: int = 0) -> BatchStream:
 
 
 def test_batch_stream_crosses_epochs_and_tracks_epoch_and_cursor():
-    n, b, seed = 10, 3, 1  # 3 batches per epoch, 1 sample dropped
+    n, b, seed = 10, 3, 1  # 3 full batches and a tail of 1 per epoch
     stream = _stream(n, b, seed)
     positions, batches = [], []
-    for _ in range(7):
+    for _ in range(9):
         batches.append(stream.next().tolist())
         positions.append((stream.epoch, stream.cursor))
-    assert positions == [(0, 3), (0, 6), (0, 9), (1, 3), (1, 6), (1, 9), (2, 3)]
+    assert positions == [(0, 3), (0, 6), (0, 9), (0, 10), (1, 3), (1, 6), (1, 9), (1, 10), (2, 3)]
     order0, order1, order2 = (epoch_order(n, seed, e).tolist() for e in range(3))
-    assert _flatten(batches[:3]) == order0[:9]
-    assert _flatten(batches[3:6]) == order1[:9]
-    assert batches[6] == order2[:3]
+    assert _flatten(batches[:4]) == order0
+    assert _flatten(batches[4:8]) == order1
+    assert batches[8] == order2[:3]
 
 
 def test_batch_stream_seek_resumes_at_exactly_the_same_next_batch():
@@ -176,7 +182,7 @@ def test_batch_stream_seek_resumes_at_exactly_the_same_next_batch():
 
 def test_batch_stream_seek_at_the_end_of_an_epoch_continues_with_the_next_epoch():
     stream = _stream(10, 3, seed=2)
-    stream.seek(0, 9)  # one sample left: less than a global batch
+    stream.seek(0, 10)  # the epoch is used up
     batch = stream.next().tolist()
     assert batch == epoch_order(10, 2, 1).tolist()[:3]
     assert (stream.epoch, stream.cursor) == (1, 3)

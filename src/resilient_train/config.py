@@ -47,6 +47,7 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "auto"
     accumulate_grad_batches: int = 1
+    global_batch_size: Optional[int] = None  # samples per optimizer step; derives accumulation from world size
     gradient_clip_val: Optional[float] = None
     gradient_checkpointing: bool = False
     checkpoint_modules: list = field(default_factory=list)  # class names to wrap, besides ModuleList children
@@ -61,6 +62,7 @@ class TrainerConfig:
         _positive("trainer.batch_size", self.batch_size, allow_none=False)
         _positive("trainer.num_nodes", self.num_nodes, allow_none=False)
         _positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches, allow_none=False)
+        _positive("trainer.global_batch_size", self.global_batch_size)
         _positive("trainer.gradient_clip_val", self.gradient_clip_val)
         _positive("trainer.val_every_n_steps", self.val_every_n_steps)
         _positive("trainer.val_batches", self.val_batches)
@@ -105,6 +107,7 @@ class CheckpointConfig:
     when_busy: str = "wait"  # a save due while one is in flight: wait for it, or skip this one
     max_consecutive_failures: int = 3
     mirror: Optional[str] = None  # a second storage each checkpoint is copied to in the background
+    session_budget: str = "auto"  # e.g. 11h30m: save and exit 75 before it runs out; auto = Colab's limit on Colab
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps)
@@ -123,6 +126,10 @@ class CheckpointConfig:
         if value not in ("auto", "true", "false"):
             raise ConfigError("checkpoint.async_save", f"must be auto, true or false, got {self.async_save!r}")
         self.async_save = value
+        if str(self.session_budget).strip().lower() not in ("auto", "off"):
+            from resilient_train.deadline import parse_duration
+
+            parse_duration(self.session_budget)
         if self.mirror is not None and not str(self.mirror).strip():
             self.mirror = None
 

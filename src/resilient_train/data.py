@@ -5,8 +5,9 @@ micro-batch `k` of the epoch is `order[k*B*W : (k+1)*B*W]` (B per-device batch, 
 rank `r` takes its `r`-th slice of `B`. Resuming at global cursor `c` (samples consumed in the epoch
 by all ranks together) starts at `order[c:]` in O(1): nothing is iterated to skip. Because the cursor
 is global and the order does not depend on W, a resume on another world size sees every sample of
-the interrupted epoch exactly once. The tail that does not fill a global batch is dropped, so every
-rank gets equal, full batches.
+the interrupted epoch exactly once. The tail that does not fill a global batch is split evenly
+across the ranks as one smaller batch (dropped only when there are fewer samples than ranks), so
+no sample is skipped whatever the world size.
 """
 
 from __future__ import annotations
@@ -55,15 +56,33 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """Start the next iteration at sample `cursor` of epoch `epoch` (cursor counts all ranks)."""
         self.epoch, self.cursor = epoch, cursor
 
+    def consumed(self, cursor: int) -> int:
+        """Samples (all ranks together) the global batch starting at `cursor` takes: the tail is smaller."""
+        left = self.num_samples - cursor
+        if left >= self.global_batch:
+            return self.global_batch
+        return left if left >= self.world_size else 0
+
     def __len__(self) -> int:
-        return max(0, (self.num_samples - self.cursor) // self.global_batch)
+        left = self.num_samples - self.cursor
+        return max(0, left // self.global_batch) + (1 if left % self.global_batch >= self.world_size else 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.num_samples, self.seed, self.epoch)
-        b, gb = self.batch_size, self.global_batch
-        for start in range(self.cursor, self.num_samples - gb + 1, gb):
-            lo = start + self.rank * b
-            yield order[lo : lo + b].tolist()
+        b, w, r = self.batch_size, self.world_size, self.rank
+        start = self.cursor
+        while True:
+            take = self.consumed(start)
+            if take == 0:
+                return
+            if take == self.global_batch:
+                lo, hi = start + r * b, start + (r + 1) * b
+            else:  # the epoch's tail: split as evenly as possible, earlier ranks take the extra ones
+                per, extra = divmod(take, w)
+                lo = start + r * per + min(r, extra)
+                hi = lo + per + (1 if r < extra else 0)
+            yield order[lo:hi].tolist()
+            start += take
 
 
 def build_loader(
@@ -126,6 +145,7 @@ class BatchStream:
         self.sampler = sampler
         self.epoch = 0
         self.cursor = 0
+        self.last_consumed = 0  # samples (all ranks) the last micro-batch took
         self._iterator: Optional[Iterator[Any]] = None
 
     def seek(self, epoch: int, cursor: int) -> None:
@@ -136,7 +156,7 @@ class BatchStream:
         """The next micro-batch; the cursor advances by one global batch."""
         for _ in range(2):
             if self._iterator is None:
-                if self.cursor + self.sampler.global_batch > self.sampler.num_samples:
+                if self.sampler.consumed(self.cursor) == 0:
                     self.epoch, self.cursor = self.epoch + 1, 0
                 self.sampler.set_position(self.epoch, self.cursor)
                 self._iterator = iter(self.loader)
@@ -146,6 +166,7 @@ class BatchStream:
                 self._iterator = None
                 self.epoch, self.cursor = self.epoch + 1, 0
                 continue
-            self.cursor += self.sampler.global_batch
+            self.last_consumed = self.sampler.consumed(self.cursor)
+            self.cursor += self.last_consumed
             return batch
         raise RuntimeError("the data loader yielded no batch for a whole epoch")  # guarded by the sampler's own check

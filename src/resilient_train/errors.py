@@ -50,10 +50,11 @@ class TrainingStopped(SystemExit):
     supervisor understands ("resume me"), while notebooks and callers can still catch it.
     """
 
-    def __init__(self, step: int, reason: str) -> None:
+    def __init__(self, step: int, reason: str, rank: int = 0) -> None:
         super().__init__(EXIT_STOPPED)
         self.step = step
         self.reason = reason
+        self.rank = rank
 
     def __str__(self) -> str:
         return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"

@@ -12,6 +12,7 @@ from resilient_train.storage import Storage
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING = 100_000
 COLUMNS = ("session", "step", "epoch", "time", "loss", "lr", "samples_per_sec", "val_loss")
 
 
@@ -44,9 +45,23 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
 
     def flush(self) -> None:
+        """Write pending rows; a storage error warns and keeps them for the next try.
+
+        Metrics are not worth stopping a run for (checkpoints are what must not be lost).
+        """
         if not self._pending:
             return
         rows, self._pending = self._pending, []
+        try:
+            self._append(rows)
+        except Exception as exc:
+            self._pending = (rows + self._pending)[-MAX_PENDING:]
+            log.warning("could not write logs/metrics.csv (%s: %s); will retry at the next flush", type(exc).__name__, exc)
+            return
+        if self._tb is not None:
+            self._tb.flush()
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
         self.run.makedirs("logs")
         path = self.run.path("logs", "metrics.csv")
         exists = self.run.exists("logs", "metrics.csv")
@@ -61,8 +76,6 @@ class MetricsLogger:
         else:  # object stores cannot append
             old = self.run.read_text("logs", "metrics.csv") if exists else ""
             self.run.write_text(old + buffer.getvalue(), "logs", "metrics.csv")
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         self.flush()

@@ -26,10 +26,12 @@ from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.saver import CheckpointSaver, Collective
 from resilient_train.config import RunConfig, kwargs_layer, resolve
 from resilient_train.data import BatchStream, build_eval_loader, build_loader
+from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
 from resilient_train.errors import TrainingStopped, UsageError
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.metrics import MetricsLogger
+from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
 from resilient_train.runtime import build_fabric, resolve_precision
@@ -51,6 +53,7 @@ class FitResult:
     val_loss: Optional[float]
     checkpoint: Optional[str]  # URL of the last committed checkpoint
     resumed_from: Optional[int]  # step the session started from, None for a fresh run
+    rank: int = 0  # global rank of this process (DDP runs return on every rank)
 
 
 def default_training_step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -146,15 +149,20 @@ class Trainer:
         loader, sampler = build_loader(train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers)
         stream = BatchStream(loader, sampler)
         val_loader = build_eval_loader(val_data, sampler.batch_size, rank, world) if val_data is not None else None
-        micro_batches = tcfg.accumulate_grad_batches
+        micro_batches = _accumulation(fabric, tcfg, sampler.global_batch)
+        batch_layout = {"micro_batch": sampler.batch_size, "global_batch": sampler.global_batch * micro_batches}
 
         run = Storage(cfg.run_dir)
         managers = [CheckpointManager(run)]
         if cfg.checkpoint.mirror:
             managers.append(CheckpointManager(Storage(cfg.checkpoint.mirror)))
-        progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler)
+        progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler, batch_layout)
         stream.seek(progress.epoch, progress.cursor)
-        session, saver = self._start_session(fabric, run, managers, progress)
+        session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
+        budget = budget_seconds(cfg.checkpoint.session_budget)
+        deadline = SessionDeadline(budget, session_elapsed_offset()) if budget else None
+        if budget:
+            _info(fabric, f"session budget {_duration(budget)}: the run saves and exits 75 before it runs out")
         metrics = MetricsLogger(run, session) if rank == 0 else None
         bar = _progress_bar(fabric, tcfg, progress.step)
 
@@ -164,7 +172,6 @@ class Trainer:
         last_loss: Optional[float] = None
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
-        samples_per_step = sampler.global_batch * micro_batches
         with StopRequest() as stop:
             while progress.step < tcfg.max_steps:
                 loss_sum = torch.zeros((), device=fabric.device)
@@ -175,6 +182,7 @@ class Trainer:
                         loss = step_fn(model, batch)
                         fabric.backward(loss / micro_batches)
                     loss_sum += loss.detach()
+                    progress.samples_seen += stream.last_consumed
                 saver.before_update()  # a background save finishes copying the state first
                 if tcfg.gradient_clip_val is not None:
                     fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
@@ -184,7 +192,6 @@ class Trainer:
                     scheduler.step()
                 progress.step += 1
                 progress.epoch, progress.cursor = stream.epoch, stream.cursor
-                progress.samples_seen += samples_per_step
                 window_steps += 1
                 bar.update(1)
                 saver.on_step_end()  # surfaces a background save's outcome
@@ -193,7 +200,7 @@ class Trainer:
                 if step % tcfg.log_every_n_steps == 0 or step == tcfg.max_steps:
                     last_loss = fabric.all_reduce(loss_sum / micro_batches, reduce_op="mean").item()
                     elapsed = time.perf_counter() - window_start
-                    rate = window_steps * samples_per_step / elapsed if elapsed > 0 else float("nan")
+                    rate = window_steps * batch_layout["global_batch"] / elapsed if elapsed > 0 else float("nan")
                     window_start, window_steps = time.perf_counter(), 0
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -209,6 +216,8 @@ class Trainer:
                     if metrics is not None:
                         metrics.log(step, epoch=progress.epoch, val_loss=val_loss)
 
+                if deadline is not None and deadline.expired(saver.slowest_save):
+                    stop.request("session budget")
                 stopping = _agree(fabric, stop.reason is not None)
                 final = stopping or step == tcfg.max_steps
                 if final or saver.due(step, lambda flag: _agree(fabric, flag)):
@@ -221,7 +230,7 @@ class Trainer:
                     if metrics is not None:
                         metrics.close()
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
-                    raise TrainingStopped(step, stop.reason or "signal")
+                    raise TrainingStopped(step, stop.reason or "signal", rank=rank)
         saver.finish()
         bar.close()
         if metrics is not None:
@@ -234,9 +243,10 @@ class Trainer:
             val_loss=val_loss,
             checkpoint=saver.last_path,
             resumed_from=resumed_from,
+            rank=rank,
         )
 
-    def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[state_lib.Progress, Optional[int]]:
+    def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any, batch_layout: dict[str, int]) -> tuple[state_lib.Progress, Optional[int]]:
         """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
         wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
@@ -254,9 +264,12 @@ class Trainer:
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
+        now = {"world_size": fabric.world_size, "precision": self.precision, "environment": fingerprint(), **batch_layout}
+        for line in resume_report(loaded.manifest, now):
+            _info(fabric, line)
         return progress, step
 
-    def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress) -> tuple[int, CheckpointSaver]:
+    def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress, batch_layout: dict[str, int]) -> tuple[int, CheckpointSaver]:
         """Take the lease (fencing older writers), record the session, build the saver and mirror."""
         cfg, rank = self.config, fabric.global_rank
         session, lease, mirror = 0, None, None
@@ -275,6 +288,7 @@ class Trainer:
             meta={
                 "world_size": fabric.world_size,
                 "precision": self.precision,
+                **batch_layout,
                 "config_hash": cfg.hash(),
                 "environment": fingerprint(),
                 "writer": {"id": lease.writer if lease else None, "session": session},
@@ -283,6 +297,26 @@ class Trainer:
             mirror=mirror,
         )
         return session, saver
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _accumulation(fabric: Fabric, cfg: Any, per_micro_step: int) -> int:
+    """Micro-batches per optimizer step: configured, or derived from `trainer.global_batch_size`
+    so that another world size keeps the same samples per optimizer step."""
+    if cfg.global_batch_size is None:
+        return cfg.accumulate_grad_batches
+    if cfg.global_batch_size % per_micro_step:
+        raise UsageError(
+            f"trainer.global_batch_size={cfg.global_batch_size} is not a multiple of batch_size x world size "
+            f"= {per_micro_step}; choose a global batch that divides evenly"
+        )
+    accumulation = cfg.global_batch_size // per_micro_step
+    _info(fabric, f"global batch {cfg.global_batch_size} = {per_micro_step} per micro-step x {accumulation} accumulated micro-batches")
+    return accumulation
 
 
 def _make_optimizer(optimizer: Any, model: torch.nn.Module) -> torch.optim.Optimizer:

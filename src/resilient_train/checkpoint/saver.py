@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.lease import FencedError, Lease
-from resilient_train.checkpoint.manager import CheckpointManager
+from resilient_train.checkpoint.manager import COMMITTED, CheckpointManager
 from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.config import CheckpointConfig
@@ -156,6 +156,7 @@ class CheckpointSaver:
         self._outcome: Optional[SaveOutcome] = None
         self._async_run = False
         self._staged: Optional[threading.Event] = None
+        self.slowest_save: Optional[float] = None  # seconds, what a session deadline must leave room for
         self._last_step_end = time.monotonic()
 
     # -- policy --------------------------------------------------------------------------------
@@ -284,10 +285,13 @@ class CheckpointSaver:
 
     def _run(self, step: int, files: fmt.EncodedFiles, meta: dict[str, Any]) -> None:
         """The save protocol; never raises (the outcome is collected on the main thread)."""
+        started = time.monotonic()
         try:
             self._outcome = self._protocol(step, files, meta)
         except Exception as exc:  # a bug or an unexpected error: report like any failed save
             self._outcome = SaveOutcome(step, ok=False, error=f"{type(exc).__name__}: {exc}")
+        elapsed = time.monotonic() - started
+        self.slowest_save = max(self.slowest_save or 0.0, elapsed)
 
     def _protocol(self, step: int, files: fmt.EncodedFiles, meta: dict[str, Any]) -> SaveOutcome:
         c, rank = self.collective, self.rank
@@ -323,6 +327,8 @@ class CheckpointSaver:
             self.lease.check(f"to commit step {step}")
             meta = {**meta, "writer": {**meta.get("writer", {}), "incarnation": self.lease.incarnation}}
         info = self.manager.commit(step, records, meta)
+        if info.status != COMMITTED:  # a file landed short (a Drive upload, a full disk)
+            raise CheckpointError(f"step {step} was written but does not check out: {info.reason}")
         if self.lease is not None:
             self.lease.check(f"to prune after step {step}")
         removed = self.manager.prune(self.policy, step)

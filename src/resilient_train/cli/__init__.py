@@ -107,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
     except TrainingStopped as stopped:
-        print(f"resilient_train: {stopped}", file=sys.stderr)
+        if stopped.rank == 0:
+            print(f"resilient_train: {stopped}", file=sys.stderr)
         return stopped.code
     except ResilientTrainError as exc:
         if debug:

@@ -37,6 +37,8 @@ def train_task(task: Task, cfg: RunConfig) -> Any:
 
 
 def _report(result: Any) -> None:
+    if result.rank != 0:
+        return
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
     print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}", file=sys.stderr)
 

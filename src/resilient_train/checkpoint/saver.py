@@ -88,7 +88,8 @@ class AutoAsync:
     competes with training for cores, so this can exceed the sync stall).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = True) -> None:
+        self.verbose = verbose
         self.sync_stall: Optional[float] = None
         self.copy_stall: Optional[float] = None
         self.decided: Optional[bool] = None
@@ -119,7 +120,7 @@ class AutoAsync:
     def finished_async(self) -> bool:
         cost = (self.copy_stall or 0.0) + self._extra
         self.decided = cost < (self.sync_stall or 0.0)
-        log.info(
+        (log.info if self.verbose else log.debug)(
             "async_save=auto: a sync save stalled training %.3fs, an async one %.3fs (copy %.3fs + slower steps %.3fs); using %s saves",
             self.sync_stall or 0.0, cost, self.copy_stall or 0.0, self._extra, "async" if self.decided else "sync",
         )
@@ -146,7 +147,7 @@ class CheckpointSaver:
         self.lease = lease
         self.mirror = mirror
         self.policy = RetentionPolicy.from_config(ck)
-        self.auto = AutoAsync() if ck.async_save == "auto" else None
+        self.auto = AutoAsync(verbose=self.rank == 0) if ck.async_save == "auto" else None
         self.buffers = fmt.HostBuffers()
         self.last_path: Optional[str] = None
         self.failures = 0

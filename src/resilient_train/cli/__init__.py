@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(command="inspect")
 
+    p = sub.add_parser("plot", parents=[common], help="draw loss, lr and throughput across a run's sessions",
+                       description="Draw RUN's loss, learning rate and throughput against step into OUT.png, each session shaded and labelled with its machine and precision, resume points marked. Needs matplotlib (pip install 'resilient_train[plot]').")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("out", metavar="OUT.png")
+    p.set_defaults(command="plot")
+
     p = sub.add_parser("env", parents=[common], help="show torch, CUDA, GPU and the precision `auto` would choose",
                        description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the precision trainer.precision=auto would choose here.")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -99,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="resilient_train: %(message)s", stream=sys.stderr)
-    for noisy in ("lightning_fabric", "lightning", "fsspec", "gcsfs", "urllib3"):
+    for noisy in ("lightning_fabric", "lightning", "fsspec", "gcsfs", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         args = _parse(build_parser(), argv)

@@ -218,6 +218,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from resilient_train.plot import plot_run
+
+    _require_run(args.run)
+    history = plot_run(args.run, args.out)
+    print(f"wrote {args.out}: {len(history.loss)} steps, {len(history.sessions)} session(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from resilient_train.env import fingerprint
     from resilient_train.runtime import auto_precision

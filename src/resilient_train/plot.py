@@ -1,0 +1,135 @@
+"""`plot RUN OUT.png`: a run's loss, learning rate and throughput across all of its sessions.
+
+Each session (one process lifetime, e.g. one Colab VM) is shaded and labelled with its machine
+and precision, and resume points are marked, so one picture tells the story of a run that moved
+between machines. A resumed session re-logs the steps after its checkpoint; per step the newest
+session's row wins. matplotlib is an optional extra (`pip install 'resilient_train[plot]'`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from resilient_train.errors import NotFoundError, UsageError
+from resilient_train.portability import device_kind
+from resilient_train.run_folder import RunFolder
+from resilient_train.storage import Storage
+
+
+@dataclass
+class Session:
+    number: int
+    start_step: int
+    label: str
+    steps: list[int] = field(default_factory=list)
+    throughput: list[float] = field(default_factory=list)
+
+    @property
+    def end_step(self) -> int:
+        return max(self.steps) if self.steps else self.start_step
+
+
+@dataclass
+class RunHistory:
+    """Metrics per step (newest session wins) and the sessions that produced them."""
+
+    loss: dict[int, float]
+    lr: dict[int, float]
+    val_loss: dict[int, float]
+    sessions: list[Session]
+
+
+def _float(value: Optional[str]) -> Optional[float]:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_history(run: Storage) -> RunHistory:
+    """Parse `logs/metrics.csv` and `sessions.json` of a run."""
+    if not run.exists("logs", "metrics.csv"):
+        raise NotFoundError(f"no metrics in '{run.url}' (logs/metrics.csv); has the run logged a step yet?")
+    rows = list(csv.DictReader(io.StringIO(run.read_text("logs", "metrics.csv"))))
+    records = RunFolder(run).sessions()
+    sessions = {
+        int(r["session"]): Session(
+            number=int(r["session"]),
+            start_step=int(r.get("start_step", 0)),
+            label=f"{device_kind(r.get('environment', {}))}, {r.get('precision', '?')}"
+            + (f", {r['world_size']} proc" if r.get("world_size", 1) != 1 else ""),
+        )
+        for r in records
+    }
+    loss: dict[int, tuple[int, float]] = {}
+    lr: dict[int, tuple[int, float]] = {}
+    val: dict[int, tuple[int, float]] = {}
+    for row in rows:
+        session, step = int(row["session"] or 0), int(row["step"])
+        if session not in sessions:
+            sessions[session] = Session(number=session, start_step=0, label="unknown machine")
+        for table, key in ((loss, "loss"), (lr, "lr"), (val, "val_loss")):
+            value = _float(row.get(key))
+            if value is not None and (step not in table or table[step][0] <= session):
+                table[step] = (session, value)
+        rate = _float(row.get("samples_per_sec"))
+        if rate is not None and _float(row.get("loss")) is not None:
+            sessions[session].steps.append(step)
+            sessions[session].throughput.append(rate)
+    return RunHistory(
+        loss={s: v for s, (_, v) in sorted(loss.items())},
+        lr={s: v for s, (_, v) in sorted(lr.items())},
+        val_loss={s: v for s, (_, v) in sorted(val.items())},
+        sessions=[sessions[k] for k in sorted(sessions)],
+    )
+
+
+def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
+    """Draw the run's history into `out` (PNG, through fsspec); returns what was drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("plot needs matplotlib: pip install 'resilient_train[plot]'") from None
+    history = read_history(Storage(run_url))
+    fig, (ax_loss, ax_lr, ax_rate) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
+    colors = plt.get_cmap("tab10").colors
+    _series(ax_loss, history.loss, "train loss", "C0")
+    if history.val_loss:
+        _series(ax_loss, history.val_loss, "validation loss", "C3", marker="o")
+    _series(ax_lr, history.lr, "learning rate", "C2")
+    for index, session in enumerate(history.sessions):
+        color = colors[index % len(colors)]
+        for ax in (ax_loss, ax_lr, ax_rate):
+            ax.axvspan(session.start_step, session.end_step, color=color, alpha=0.08, lw=0)
+            if session.start_step > 0:
+                ax.axvline(session.start_step, color=color, ls="--", lw=1)
+        ax_loss.text(session.start_step, 1.01, f" session {session.number}: {session.label}", color=color,
+                     transform=ax_loss.get_xaxis_transform(), fontsize=8, rotation=0, va="bottom")
+        if session.steps:
+            ax_rate.plot(session.steps, session.throughput, color=color, marker=".", label=f"session {session.number}")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right")
+    ax_lr.set_ylabel("lr")
+    ax_rate.set_ylabel("samples/s")
+    ax_rate.set_xlabel("step (dashed lines: resume points)")
+    if history.sessions:
+        ax_rate.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title or run_url, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    folder, _, name = out.rpartition("/")
+    Storage(folder or ".").write_bytes(buffer.getvalue(), name)
+    return history
+
+
+def _series(ax: Any, values: dict[int, float], label: str, color: str, marker: Optional[str] = None) -> None:
+    if values:
+        ax.plot(list(values), list(values.values()), label=label, color=color, marker=marker, lw=1.2)

@@ -23,16 +23,19 @@ _EXPORTS = {
     "NotFoundError": "resilient_train.errors",
     "TrainingStopped": "resilient_train.errors",
     "seed_everything": "resilient_train.seeding",
+    "run_task": "resilient_train.api",
+    "resume_run": "resilient_train.api",
 }
 
 __all__ = [
     "CheckpointConfig", "FitResult", "NotFoundError", "ResilientTrainError", "RunConfig", "Trainer",
-    "TrainerConfig", "TrainingStopped", "UsageError", "__version__", "seed_everything",
+    "TrainerConfig", "TrainingStopped", "UsageError", "__version__", "resume_run", "run_task", "seed_everything",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
     from resilient_train.errors import NotFoundError, ResilientTrainError, TrainingStopped, UsageError
+    from resilient_train.api import resume_run, run_task
     from resilient_train.seeding import seed_everything
     from resilient_train.trainer import FitResult, Trainer
 

@@ -6,34 +6,20 @@ import argparse
 import json
 import posixpath
 import sys
-import tempfile
 from typing import Any
 
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manager import COMMITTED
 from resilient_train.checkpoint.manifest import MANIFEST, parse_step_dir
-from resilient_train.config import RunConfig, load_yaml_layer, parse_overrides, resolve
+from resilient_train.api import resume_run, run_task
 from resilient_train.errors import NotFoundError, ResilientTrainError
 
 
 class VerificationFailed(ResilientTrainError):
     """`verify` found files that do not match their manifest (exit 1)."""
 from resilient_train.run_folder import RunFolder
-from resilient_train.seeding import seed_everything
 from resilient_train.storage import Storage
-from resilient_train.task import Task, load_task
-
-
-def train_task(task: Task, cfg: RunConfig) -> Any:
-    """Run a task: launch, snapshot, seed every RNG from cfg.seed, build, fit."""
-    from resilient_train.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    trainer.prepare_run(task)
-    seed_everything(cfg.seed)
-    parts = task.build(cfg.to_dictconfig())
-    return trainer.fit(**parts)
 
 
 def _report(result: Any) -> None:
@@ -44,25 +30,12 @@ def _report(result: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    task = load_task(args.task)
-    layers: list[Any] = [task.defaults]
-    if args.config:
-        layers.append(load_yaml_layer(args.config))
-    layers.append(parse_overrides(args.overrides))
-    if args.run_dir:
-        layers.append({"run_dir": args.run_dir})
-    cfg = resolve(*layers)
-    _report(train_task(task, cfg))
+    _report(run_task(args.task, run_dir=args.run_dir, config=args.config, overrides=args.overrides))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    folder = RunFolder.at(args.run)
-    stored = folder.read_config_layer()
-    cfg = resolve(stored, parse_overrides(args.overrides), {"run_dir": args.run})
-    with tempfile.TemporaryDirectory(prefix="resilient_train_task_") as tmp:
-        task = load_task(folder.task_entry(local_dir=tmp))
-        _report(train_task(task, cfg))
+    _report(resume_run(args.run, overrides=args.overrides))
     return 0
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-oldest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow and not gpu'
 
+# Colab pins fsspec/gcsfs 2025.3.0: the storage tests also run against those oldest versions.
+OLDEST := .venv-oldest
+test-oldest:
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q torch==2.13.0
+	$(OLDEST)/bin/python -m pip install -q -e '.[dev]' fsspec==2025.3.0 gcsfs==2025.3.0
+	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -m 'not slow and not gpu' \
+		tests/test_storage.py tests/test_checkpoint_manager.py tests/test_sync_and_mirror.py tests/test_tensorfile.py
+
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+	$(PY) bench/checkpoint.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST) runs .pytest_cache

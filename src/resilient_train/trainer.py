@@ -8,10 +8,11 @@ resume from the newest valid checkpoint. Read `fit` top to bottom: that is the w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from lightning_fabric import Fabric
@@ -172,7 +173,7 @@ class Trainer:
         last_loss: Optional[float] = None
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
-        with StopRequest() as stop:
+        with StopRequest() as stop, _closing(bar, metrics):
             while progress.step < tcfg.max_steps:
                 loss_sum = torch.zeros((), device=fabric.device)
                 for micro in range(micro_batches):
@@ -226,15 +227,9 @@ class Trainer:
                         metrics.flush()
                 if stopping:
                     saver.finish()
-                    bar.close()
-                    if metrics is not None:
-                        metrics.close()
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
                     raise TrainingStopped(step, stop.reason or "signal", rank=rank)
-        saver.finish()
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+            saver.finish()
         fabric.barrier()
         return FitResult(
             step=progress.step,
@@ -297,6 +292,17 @@ class Trainer:
             mirror=mirror,
         )
         return session, saver
+
+
+@contextlib.contextmanager
+def _closing(bar: Any, metrics: Optional[MetricsLogger]) -> Iterator[None]:
+    """Close the progress bar and flush metrics however the loop ends (done, stopped, crashed)."""
+    try:
+        yield
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def _duration(seconds: float) -> str:

@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from resilient_train.config import TrainerConfig
+from resilient_train.errors import UsageError
 
 
 def auto_precision(accelerator: str = "auto") -> str:
@@ -28,10 +30,14 @@ def resolve_precision(requested: str, accelerator: str) -> str:
 
 def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
     """A Fabric for this config; `launch()` is left to the caller (it may spawn processes)."""
-    return Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes,
-        precision=precision or resolve_precision(cfg.precision, cfg.accelerator),
-    )
+    try:
+        return Fabric(
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            strategy=cfg.strategy,
+            num_nodes=cfg.num_nodes,
+            precision=precision or resolve_precision(cfg.precision, cfg.accelerator),
+        )
+    except (MisconfigurationException, ValueError, TypeError) as exc:  # devices/strategy/precision this machine cannot do
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"trainer settings do not fit this machine: {first}") from None

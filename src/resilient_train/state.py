@@ -59,7 +59,13 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); "
             "resume with the same model definition"
         )
-    model.load_state_dict({target[k]: v for k, v in state.items()}, strict=True)
+    try:
+        model.load_state_dict({target[k]: v for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:  # shapes differ: the model was built with other settings
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        raise CheckpointError(
+            f"the checkpoint does not fit this model ({detail}); resume with the model settings the run was trained with"
+        ) from None
 
 
 def capture_rng() -> dict[str, Any]:

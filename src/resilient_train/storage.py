@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from resilient_train.errors import UsageError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview]
@@ -75,7 +77,12 @@ class Storage:
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = url.rstrip("/") or url
-        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except ImportError as exc:  # e.g. s3:// without s3fs
+            raise UsageError(f"cannot open '{url}': {exc}") from None
+        except ValueError as exc:  # unknown protocol
+            raise UsageError(f"cannot open '{url}': {exc}; use a local path, gs://, s3:// or memory://") from None
         self.root = root.rstrip("/") or root
         self.is_local = isinstance(self.fs, LocalFileSystem)
 

@@ -105,11 +105,16 @@ class Trainer:
         return self.fabric
 
     def prepare_run(self, task: Optional[Task] = None) -> None:
-        """Write `run.yaml` (and the task snapshot) on global rank 0, before any training."""
+        """Snapshot the task (global rank 0) and, for a new run, write `run.yaml`.
+
+        An existing run's `run.yaml` is rewritten only once `fit` has restored its checkpoint, so a
+        `resume` with a bad override that fails leaves the stored config as it was.
+        """
         fabric = self.launch()
         if fabric.global_rank == 0:
             folder = RunFolder(Storage(self.config.run_dir))
-            folder.write_config(self.config)
+            if not folder.has_run():
+                folder.write_config(self.config)
             if task is not None:
                 folder.snapshot_task(task)
         fabric.barrier()
@@ -156,10 +161,16 @@ class Trainer:
         run = Storage(cfg.run_dir)
         managers = [CheckpointManager(run)]
         if cfg.checkpoint.mirror:
-            managers.append(CheckpointManager(Storage(cfg.checkpoint.mirror)))
+            mirror = Storage(cfg.checkpoint.mirror)
+            if mirror.fs.unstrip_protocol(mirror.root) == run.fs.unstrip_protocol(run.root) and type(mirror.fs) is type(run.fs):
+                _info(fabric, "checkpoint.mirror is the run folder itself (a run resumed from its mirror?); not mirroring")
+            else:
+                managers.append(CheckpointManager(mirror))
         progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler, batch_layout)
         stream.seek(progress.epoch, progress.cursor)
         session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
+        if resumed_from is not None:
+            saver.last_path = managers[0].info(resumed_from).path
         budget = budget_seconds(cfg.checkpoint.session_budget)
         deadline = SessionDeadline(budget, session_elapsed_offset()) if budget else None
         if budget:
@@ -269,6 +280,7 @@ class Trainer:
         cfg, rank = self.config, fabric.global_rank
         session, lease, mirror = 0, None, None
         if rank == 0:
+            RunFolder(run).write_config(cfg)  # the config this session really trains with
             lease = Lease.acquire(run)
             session = RunFolder(run).start_session(progress.step, {
                 "incarnation": lease.incarnation, "world_size": fabric.world_size,

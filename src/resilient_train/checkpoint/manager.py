@@ -74,6 +74,9 @@ class CheckpointManager:
     def __init__(self, run: Storage) -> None:
         self.run = run
         self.root = run.child("checkpoints")
+        # steps whose checkpoint verified but could not be decoded (foreign or hostile files):
+        # a save at such a step replaces it instead of keeping it as "already committed"
+        self.distrusted: set[int] = set()
 
     # -- listing -------------------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -126,9 +129,10 @@ class CheckpointManager:
         """Clear debris of an interrupted save at `step`; False if `step` is already committed."""
         info = self._describe(step)
         if info.status == COMMITTED:
-            if not self.verify(info):
+            if step not in self.distrusted and not self.verify(info):
                 return False
-            log.warning("rewriting checkpoint %s: it does not verify", info.path)
+            log.warning("rewriting checkpoint %s: it does not verify or decode", info.path)
+            self.distrusted.discard(step)
         if self.root.exists(step_dir(step)):
             self.root.remove(step_dir(step), recursive=True)
         return True
@@ -248,7 +252,12 @@ def load_newest_valid(
             continue
         try:
             loaded = managers[index].load(info, wanted)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", info.path, exc)
+            continue
+        try:
             return index, loaded, decode(loaded) if decode is not None else None
         except CheckpointError as exc:
+            managers[index].distrusted.add(info.step)
             log.warning("skipping checkpoint %s: %s", info.path, exc)
     return None

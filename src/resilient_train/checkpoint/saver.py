@@ -192,6 +192,7 @@ class CheckpointSaver:
             self._wait()
         elif self._thread is not None:
             self._collect()
+        self._retry = False  # this save is the retry; a failure sets it again when collected
         run_async = not final and (self.ck.async_save == "true" or (self.auto is not None and self.auto.next_is_async()))
         started = time.monotonic()
         snapshot = capture()
@@ -332,9 +333,13 @@ class CheckpointSaver:
             raise CheckpointError(f"step {step} was written but does not check out: {info.reason}")
         if self.lease is not None:
             self.lease.check(f"to prune after step {step}")
-        removed = self.manager.prune(self.policy, step)
-        if removed:
-            log.debug("pruned checkpoints at steps %s", removed)
+        try:
+            removed = self.manager.prune(self.policy, step)
+        except Exception as exc:  # a store refusing deletes (full Drive trash) must not fail the save
+            log.warning("checkpoint at step %d committed, but pruning older ones failed (%s: %s)", step, type(exc).__name__, exc)
+        else:
+            if removed:
+                log.debug("pruned checkpoints at steps %s", removed)
         if self.mirror is not None:
             self.mirror.submit(step)
         return {"path": info.path}

@@ -13,7 +13,7 @@ from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manager import COMMITTED
 from resilient_train.checkpoint.manifest import MANIFEST, parse_step_dir
 from resilient_train.api import resume_run, run_task
-from resilient_train.errors import NotFoundError, ResilientTrainError
+from resilient_train.errors import CheckpointError, NotFoundError, ResilientTrainError
 
 
 class VerificationFailed(ResilientTrainError):
@@ -144,15 +144,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
             todo.append(info)
     files = copy_run_files(src, dst)
     total = sum(r["bytes"] for i in todo for r in (i.manifest or {}).get("files", {}).values())
-    copied = 0
+    copied, done, broken = 0, 0, []
     with tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=not todo) as bar:
         for info in todo:  # oldest first: an interrupted sync leaves a usable prefix
-            copied += copy_checkpoint(source, target, info, on_bytes=bar.update)
+            try:
+                copied += copy_checkpoint(source, target, info, on_bytes=bar.update)
+                done += 1
+            except CheckpointError as exc:  # a corrupt source checkpoint: say so, copy the rest
+                broken.append(info.step)
+                print(f"step {info.step}: not copied: {exc}", file=sys.stderr)
     print(
-        f"synced {args.src} -> {args.dst}: {len(todo)} checkpoint(s) copied ({_size(copied)}) and verified, "
-        f"{skipped} already there, {ignored} not committed; {files} run file(s)",
+        f"synced {args.src} -> {args.dst}: {done} checkpoint(s) copied ({_size(copied)}) and verified, "
+        f"{skipped} already there, {ignored} not committed" + (f", {len(broken)} corrupt at the source" if broken else "")
+        + f"; {files} run file(s)",
         file=sys.stderr,
     )
+    if broken:
+        raise VerificationFailed(f"checkpoint(s) at step(s) {broken} are corrupt at the source and were not copied; the others were")
     return 0
 
 

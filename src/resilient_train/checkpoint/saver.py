@@ -290,7 +290,7 @@ class CheckpointSaver:
         started = time.monotonic()
         try:
             self._outcome = self._protocol(step, files, meta)
-        except Exception as exc:  # a bug or an unexpected error: report like any failed save
+        except BaseException as exc:  # a bug or an unexpected error: report like any failed save, never drop it
             self._outcome = SaveOutcome(step, ok=False, error=f"{type(exc).__name__}: {exc}")
         elapsed = time.monotonic() - started
         self.slowest_save = max(self.slowest_save or 0.0, elapsed)

@@ -12,7 +12,8 @@ import logging
 import threading
 from typing import Optional
 
-from resilient_train.checkpoint.manager import CheckpointManager
+from resilient_train.checkpoint.manager import COMMITTED, CheckpointManager
+from resilient_train.checkpoint.manifest import step_dir
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.transfer import copy_checkpoint, copy_run_files
 from resilient_train.storage import Storage
@@ -57,9 +58,19 @@ class Mirror:
                 self.target.prune(self.policy, step)
                 self.copied.append(step)
             except Exception as exc:  # the primary is fine; say so and carry on
+                self._clear_partial(step)
                 message = f"mirror copy of step {step} to {self.mirror.url} failed: {type(exc).__name__}: {exc}"
                 self.errors.append(message)
                 log.warning("%s; training goes on, the next checkpoint will be mirrored", message)
+
+    def _clear_partial(self, step: int) -> None:
+        """A copy that failed half-way (the primary pruned the step meanwhile, a network error)
+        leaves an incomplete folder at the mirror; nothing else would ever remove it."""
+        try:
+            if self.target.info(step).status != COMMITTED:
+                self.target.root.remove(step_dir(step), recursive=True)
+        except Exception as exc:
+            log.warning("could not clear the partial mirror copy of step %d: %s", step, exc)
 
     def close(self) -> None:
         """Wait for the copy in flight (the final checkpoint must reach the mirror)."""

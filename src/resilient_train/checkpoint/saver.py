@@ -250,7 +250,9 @@ class CheckpointSaver:
     def _collect(self, final: bool = False) -> None:
         """Act on the outcome of the last save: reset, warn and retry later, or stop."""
         outcome, self._outcome = self._outcome, None
-        was_async, self._thread = self._async_run, None
+        was_async, thread, self._thread = self._async_run, self._thread, None
+        if outcome is None and thread is not None:  # the writer thread died without a word
+            outcome = SaveOutcome(step=-1, ok=False, error=f"the background writer {thread.name} died")
         if outcome is None:
             return
         if was_async and self.auto is not None and self.auto.decided is None:
@@ -290,7 +292,7 @@ class CheckpointSaver:
         started = time.monotonic()
         try:
             self._outcome = self._protocol(step, files, meta)
-        except BaseException as exc:  # a bug or an unexpected error: report like any failed save, never drop it
+        except Exception as exc:  # a bug or an unexpected error: report like any failed save
             self._outcome = SaveOutcome(step, ok=False, error=f"{type(exc).__name__}: {exc}")
         elapsed = time.monotonic() - started
         self.slowest_save = max(self.slowest_save or 0.0, elapsed)

@@ -82,14 +82,19 @@ def saver_for(run: Storage, mode: str) -> CheckpointSaver:
     return CheckpointSaver(CheckpointManager(run), ck, Collective(1, 0), meta={"world_size": 1})
 
 
-def bench_local(megabytes: int, reps: int) -> None:
+def prepare(megabytes: int) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], fmt.Snapshot], dict[str, bytes]]:
+    """The state, a capture function for the saver, and the same state's file bytes for the baselines."""
     model, optimizer = make_state(megabytes)
     progress = state_lib.Progress()
 
     def capture() -> fmt.Snapshot:
         return state_lib.capture(model, optimizer, None, None, progress)
 
-    files = fmt.encode_files(capture(), 0, shared=True).to_bytes()
+    return model, optimizer, capture, fmt.encode_files(capture(), 0, shared=True).to_bytes()
+
+
+def bench_local(megabytes: int, reps: int) -> None:
+    model, optimizer, capture, files = prepare(megabytes)
     total = sum(len(b) for b in files.values())
     print(f"state: {total / 1e6:.0f} MB in {len(files)} files ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters + AdamW)")
 
@@ -158,13 +163,7 @@ def bench_gcs(megabytes: int, reps: int) -> None:
 
         fs = fsspec.filesystem("gs")
         fs.mkdir("bench")
-        model, optimizer = make_state(megabytes)
-        progress = state_lib.Progress()
-
-        def capture() -> fmt.Snapshot:
-            return state_lib.capture(model, optimizer, None, None, progress)
-
-        files = fmt.encode_files(capture(), 0, shared=True).to_bytes()
+        _, _, capture, files = prepare(megabytes)
         total = sum(len(b) for b in files.values())
         save_t, raw_t = [], []
         for rep in range(reps):

@@ -278,13 +278,14 @@ class Trainer:
     def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress, batch_layout: dict[str, int]) -> tuple[int, CheckpointSaver]:
         """Take the lease (fencing older writers), record the session, build the saver and mirror."""
         cfg, rank = self.config, fabric.global_rank
+        environment = fingerprint()  # probed once: recorded in the session and in every manifest
         session, lease, mirror = 0, None, None
         if rank == 0:
             RunFolder(run).write_config(cfg)  # the config this session really trains with
             lease = Lease.acquire(run)
             session = RunFolder(run).start_session(progress.step, {
                 "incarnation": lease.incarnation, "world_size": fabric.world_size,
-                "precision": self.precision, "environment": fingerprint(),
+                "precision": self.precision, "environment": environment,
             })
             if len(managers) > 1:
                 mirror = Mirror(run, managers[1].run, RetentionPolicy.from_config(cfg.checkpoint))
@@ -297,7 +298,7 @@ class Trainer:
                 "precision": self.precision,
                 **batch_layout,
                 "config_hash": cfg.hash(),
-                "environment": fingerprint(),
+                "environment": environment,
                 "writer": {"id": lease.writer if lease else None, "session": session},
             },
             lease=lease,

@@ -13,6 +13,10 @@ truncating ones). What to sabotage is a `FaultPlan` of `Fault`s installed with `
         ...
     plan.writes   # every write attempt: path, bytes, what happened
 
+Checkpoint data files are stored under token-suffixed names (`model.3f9a1c2b7d.safetensors`, see
+ckpt_files.py); `named`, `Write.logical` and `files_of` speak of their logical names, so a fault
+aimed at `named("model.safetensors")` hits whichever attempt writes the model file.
+
 Modes:
     crash           raise SimulatedCrash before writing (the process died mid-save)
     truncate_crash  store the first half of the bytes, then raise SimulatedCrash
@@ -47,6 +51,8 @@ from typing import Callable, Iterator, Optional
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
+from ckpt_files import logical_name
+
 MODES = ("crash", "truncate_crash", "truncate", "drop", "flip", "fail_once", "fail_always", "delay")
 OTHER_OP_MODES = ("crash", "fail_once", "fail_always", "delay")  # for reads and removes
 _ONCE = ("crash", "truncate_crash", "truncate", "drop", "flip", "fail_once")  # fire on one write only
@@ -79,7 +85,8 @@ def in_steps_from(first: int) -> PathPredicate:
 
 
 def named(basename: str) -> PathPredicate:
-    return lambda path: path.rsplit("/", 1)[-1] == basename
+    """Paths whose file is `basename`, or a save attempt's token-suffixed name for it."""
+    return lambda path: logical_name(path.rsplit("/", 1)[-1]) == basename
 
 
 def in_thread(name: str) -> PathPredicate:
@@ -153,6 +160,11 @@ class Write:
         return self.path.rsplit("/", 1)[-1]
 
     @property
+    def logical(self) -> str:
+        """The logical name of a checkpoint file (the token of its save attempt stripped)."""
+        return logical_name(self.name)
+
+    @property
     def step(self) -> Optional[int]:
         return step_of(self.path)
 
@@ -162,6 +174,11 @@ class FaultPlan:
     faults: list[Fault] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # a full disk: writes under `quota_root` that would make its files exceed `quota` bytes raise
+    # OSError(ENOSPC), as a local disk or a Drive over its storage quota does
+    quota: Optional[int] = None
+    quota_root: str = ""
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (operation, path) of every call
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -187,6 +204,21 @@ class FaultPlan:
         with self._lock:
             return next((f for f in self.faults if f.applies(path, op)), None)
 
+    def note_call(self, op: str, path: str) -> None:
+        with self._lock:
+            self.calls.append((op, path))
+
+    def count(self, op: str, predicate: PathPredicate = lambda path: True) -> int:
+        """How many `op` calls ("ls", "find", "read", "write", "remove", "exists") matched."""
+        return sum(1 for o, p in self.calls if o == op and predicate(p))
+
+    def over_quota(self, path: str, nbytes: int) -> bool:
+        if self.quota is None or not path.startswith(self.quota_root):
+            return False
+        store = MemoryFileSystem.store
+        used = sum(f.size for key, f in list(store.items()) if key.startswith(self.quota_root) and key != path)
+        return used + nbytes > self.quota
+
     def note_removed(self, path: str) -> None:
         with self._lock:
             self.removed.append(path)
@@ -198,11 +230,11 @@ class FaultPlan:
                 and w.outcome in ("ok", "delay") and w.stored == w.nbytes]
 
     def files_of(self, step: int) -> list[str]:
-        """Basenames stored in full in the folder of `step`, in write order (retries deduplicated)."""
+        """Logical names stored in full in the folder of `step`, in write order (retries deduplicated)."""
         out: list[str] = []
         for w in self.writes:
-            if w.step == step and w.outcome in ("ok", "delay") and w.stored == w.nbytes and w.name not in out:
-                out.append(w.name)
+            if w.step == step and w.outcome in ("ok", "delay") and w.stored == w.nbytes and w.logical not in out:
+                out.append(w.logical)
         return out
 
     def attempts(self, predicate: PathPredicate) -> list[Write]:
@@ -218,6 +250,7 @@ class FaultyFileSystem(MemoryFileSystem):
     protocol = ("faulty",)
     plan: FaultPlan = _NO_PLAN  # class-level: fsspec caches instances, the plan belongs to the test
     _in_pipe = threading.local()  # set while pipe_file writes through _open
+    _in_find = threading.local()  # set while find lists folder by folder (counted as one call)
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -229,6 +262,7 @@ class FaultyFileSystem(MemoryFileSystem):
         path = self._strip_protocol(path)
         data = bytes(value)
         self.plan.check_alive(path)
+        self.plan.note_call("write", path)
         write, fault = self.plan.decide(path, len(data))
         store = data
         if fault is not None:
@@ -242,6 +276,9 @@ class FaultyFileSystem(MemoryFileSystem):
                 store = bytearray(data)
                 store[len(store) // 2] ^= 0xFF
                 store = bytes(store)
+        if self.plan.over_quota(path, len(store)):
+            write.outcome = "nospace"
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)", path)
         self._in_pipe.inside = True
         try:
             super().pipe_file(path, store, mode=mode, **kwargs)
@@ -264,7 +301,25 @@ class FaultyFileSystem(MemoryFileSystem):
             write.stored = 0
         return super()._open(path, mode=mode, **kwargs)
 
+    def ls(self, path, detail=True, **kwargs):
+        if not getattr(self._in_find, "inside", False):
+            self.plan.note_call("ls", self._strip_protocol(path))
+        return super().ls(path, detail=detail, **kwargs)
+
+    def find(self, path, *args, **kwargs):
+        self.plan.note_call("find", self._strip_protocol(path))
+        self._in_find.inside = True
+        try:
+            return super().find(path, *args, **kwargs)
+        finally:
+            self._in_find.inside = False
+
+    def exists(self, path, **kwargs):
+        self.plan.note_call("exists", self._strip_protocol(path))
+        return super().exists(path, **kwargs)
+
     def cat_file(self, path, start=None, end=None, **kwargs):
+        self.plan.note_call("read", self._strip_protocol(path))
         fault = self.plan.fault_for("read", self._strip_protocol(path))
         if fault is not None:
             _raise_or_wait(fault, path)
@@ -276,6 +331,7 @@ class FaultyFileSystem(MemoryFileSystem):
         if fault is not None:
             _raise_or_wait(fault, path)
         self.plan.check_alive(path)
+        self.plan.note_call("remove", path)
         self.plan.note_removed(path)
         return super()._rm(path)
 

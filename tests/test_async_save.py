@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ckpt_files import read_data
 from faulty_fs import Fault, FaultPlan, SimulatedCrash, both, forget, in_step, in_steps_from, in_thread, install, named
 from resilient_train import Trainer, TrainingStopped, seed_everything
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
-from resilient_train.checkpoint.manifest import step_dir
 from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
 
@@ -211,9 +211,8 @@ def test_async_saves_commit_the_same_checkpoints_byte_for_byte_as_sync_saves(
     assert {w.thread for w in plan.writes if w.step == 9} == {"checkpoint-9"}  # really in the background
     _assert_finished_like_baseline(run.memory, result, weights, baseline)
     assert _committed(run.memory) == baseline.committed == [9, 12]
-    ours, theirs = _manager(run.memory).root, _manager(baseline.url).root
     for name in DATA_FILES:  # the state of step 9, not of a later step the writer saw
-        assert ours.read_bytes(step_dir(9), name) == theirs.read_bytes(step_dir(9), name), name
+        assert read_data(run.memory, 9, name) == read_data(baseline.url, 9, name), name
 
 
 def test_an_async_save_stores_the_state_of_its_step_while_training_goes_on(
@@ -239,9 +238,8 @@ def test_an_async_save_stores_the_state_of_its_step_while_training_goes_on(
         result, weights = _fit(run.faulty, clock=Clock(actions={11: step_11.set}), model_fn=_batchnorm_model)
         _assert_same_weights(weights, sync_weights)  # training itself is unaffected
         assert plan.committed_steps() == [3, 6, 9, 12]
-        ours, theirs = _manager(run.memory).root, _manager(sync_url).root
         for name in DATA_FILES:
-            assert ours.read_bytes(step_dir(9), name) == theirs.read_bytes(step_dir(9), name), name
+            assert read_data(run.memory, 9, name) == read_data(sync_url, 9, name), name
     finally:
         forget(sync_url)
 

@@ -7,10 +7,11 @@ import uuid
 
 import pytest
 
+from ckpt_files import flip_byte, folder_names, listed_names, write_data
 from resilient_train.checkpoint.codec import dumps_json
 from resilient_train.checkpoint.manager import COMMITTED, CORRUPT, INCOMPLETE, CheckpointManager
 from resilient_train.checkpoint.retention import RetentionPolicy
-from resilient_train.checkpoint.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, decode_manifest, step_dir
+from resilient_train.checkpoint.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, decode_manifest, file_record, step_dir
 from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
 
@@ -41,12 +42,6 @@ def _save(manager: CheckpointManager, step: int, meta=None):
     files = _files(step)
     records = manager.write_files(step, files)
     return manager.commit(step, records, {"epoch": 0, "metrics": {"loss": 1.0 / step}, **(meta or {})})
-
-
-def _flip_byte(manager: CheckpointManager, step: int, fname: str, offset: int = 3) -> None:
-    data = bytearray(manager.root.read_bytes(step_dir(step), fname))
-    data[offset] ^= 0xFF
-    manager.root.write_bytes(bytes(data), step_dir(step), fname)
 
 
 def _steps(infos):
@@ -105,7 +100,7 @@ def test_manifest_listing_a_missing_file_is_corrupt(run):
 def test_manifest_listing_a_wrong_size_is_corrupt(run):
     manager = CheckpointManager(run)
     _save(manager, 300)
-    manager.root.write_bytes(b"short", step_dir(300), "model.safetensors")
+    write_data(manager, 300, "model.safetensors", b"short")
     (info,) = manager.list()
     assert info.status == CORRUPT
     assert "model.safetensors" in info.reason
@@ -146,7 +141,7 @@ def test_load_can_read_only_the_wanted_files(run):
 def test_flipped_byte_of_the_same_size_fails_load_naming_the_file(run):
     manager = CheckpointManager(run)
     _save(manager, 100)
-    _flip_byte(manager, 100, "model.safetensors")
+    flip_byte(manager, 100, "model.safetensors", offset=3)
     info = manager.info(100)
     assert info.status == COMMITTED  # sizes still match: only the checksum can tell
     with pytest.raises(CheckpointError, match="model.safetensors"):
@@ -166,7 +161,7 @@ def test_load_latest_falls_back_to_the_previous_checkpoint_when_the_newest_is_da
     manager = CheckpointManager(run)
     _save(manager, 100)
     _save(manager, 200)
-    _flip_byte(manager, 200, "state.json", offset=1)
+    flip_byte(manager, 200, "state.json", offset=1)
     # listen on the manager's own logger: a parent logger may have propagation turned off
     logger = logging.getLogger("resilient_train.checkpoint.manager")
     records = _Records()
@@ -185,7 +180,7 @@ def test_load_latest_skips_incomplete_and_corrupt_checkpoints(run):
     manager = CheckpointManager(run)
     _save(manager, 100)
     _save(manager, 200)
-    manager.root.write_bytes(b"x", step_dir(200), "model.safetensors")  # wrong size: corrupt
+    write_data(manager, 200, "model.safetensors", b"x")  # wrong size: corrupt
     manager.write_files(300, _files(300))  # never committed: incomplete
     loaded = manager.load_latest()
     assert loaded.info.step == 100
@@ -194,7 +189,7 @@ def test_load_latest_skips_incomplete_and_corrupt_checkpoints(run):
 def test_load_latest_returns_none_when_nothing_verifies(run):
     manager = CheckpointManager(run)
     _save(manager, 100)
-    _flip_byte(manager, 100, "model.safetensors")
+    flip_byte(manager, 100, "model.safetensors", offset=3)
     assert manager.load_latest() is None
 
 
@@ -270,7 +265,7 @@ def test_prune_never_deletes_the_newest_valid_checkpoint_when_the_newest_does_no
     manager = CheckpointManager(run)
     _save(manager, 1)
     _save(manager, 2)
-    _flip_byte(manager, 2, "model.safetensors")
+    flip_byte(manager, 2, "model.safetensors", offset=3)
     _prune(manager, 1, newest_step=2)
     loaded = manager.load_latest()
     assert loaded is not None and loaded.info.step == 1
@@ -279,20 +274,44 @@ def test_prune_never_deletes_the_newest_valid_checkpoint_when_the_newest_does_no
 # -- prepare -------------------------------------------------------------------------------------
 
 
-def test_prepare_clears_an_incomplete_folder(run):
+def test_prepare_leaves_an_interrupted_attempts_files_to_garbage_collection(run):
+    """An interrupted attempt's files are not prepare's to delete (it may be a live writer's);
+    the new attempt writes names of its own, commits, and garbage collection removes the old ones."""
     manager = CheckpointManager(run)
     manager.write_files(500, _files(500))
+    interrupted = folder_names(manager, 500)
     assert manager.prepare(500) is True
-    assert not manager.root.exists(step_dir(500))
-    assert manager.list() == []
+    assert folder_names(manager, 500) == interrupted
+    assert manager.info(500).status == INCOMPLETE
+    _save(manager, 500)
+    assert manager.load(manager.info(500)).files == _files(500)
+    assert manager.collect_garbage()
+    assert folder_names(manager, 500) == listed_names(manager, 500)
+    assert manager.load(manager.info(500)).files == _files(500)
 
 
-def test_prepare_clears_a_corrupt_folder(run):
+def test_prepare_removes_only_the_manifest_of_a_corrupt_checkpoint_so_a_save_commits_in_its_place(run):
     manager = CheckpointManager(run)
     _save(manager, 500)
-    manager.root.write_bytes(b"x", step_dir(500), "model.safetensors")
+    write_data(manager, 500, "model.safetensors", b"x")
+    assert manager.info(500).status == CORRUPT
     assert manager.prepare(500) is True
-    assert manager.list() == []
+    info = manager.info(500)
+    assert info.status == INCOMPLETE and MANIFEST not in info.names
+    assert manager.load_latest() is None
+    _save(manager, 500)
+    assert manager.load(manager.info(500)).files == _files(500)
+    manager.collect_garbage()
+    assert folder_names(manager, 500) == listed_names(manager, 500)
+
+
+def test_prepare_removes_the_manifest_of_a_checkpoint_whose_checksums_differ(run):
+    manager = CheckpointManager(run)
+    _save(manager, 500)
+    flip_byte(manager, 500, "model.safetensors", offset=3)
+    assert manager.info(500).status == COMMITTED  # sizes match
+    assert manager.prepare(500) is True
+    assert manager.info(500).status == INCOMPLETE
 
 
 def test_prepare_returns_false_for_a_committed_step_and_keeps_it(run):
@@ -307,13 +326,56 @@ def test_prepare_on_a_fresh_step_is_true(run):
     assert CheckpointManager(run).prepare(7) is True
 
 
-def test_save_after_prepare_leaves_no_debris_from_the_interrupted_attempt(run):
+def test_a_save_after_an_interrupted_attempt_commits_and_garbage_collection_removes_the_attempts_files(run):
     manager = CheckpointManager(run)
     manager.write_files(600, {"leftover.bin": b"half"})
     manager.prepare(600)
     _save(manager, 600)
-    names = {e["basename"] for e in manager.root.list_dir(step_dir(600))}
-    assert names == set(_files(600)) | {MANIFEST}
+    assert len(folder_names(manager, 600)) == len(_files(600)) + 2  # the leftover is still there
+    removed = manager.collect_garbage()
+    assert len(removed) == 1 and removed[0].startswith(step_dir(600) + "/leftover.")
+    assert folder_names(manager, 600) == listed_names(manager, 600)
+    assert manager.load(manager.info(600)).files == _files(600)
+
+
+# -- write-once names and the exclusive commit ---------------------------------------------------
+
+
+def test_each_attempt_writes_its_own_names_recorded_in_the_manifest(run):
+    manager = CheckpointManager(run)
+    first = manager.write_files(700, _files(700))
+    second = manager.write_files(700, _files(700))
+    for name in _files(700):
+        assert first[name]["path"] != second[name]["path"]
+        assert first[name]["path"] != name
+    assert len(folder_names(manager, 700)) == 2 * len(_files(700))
+
+
+def test_a_second_commit_of_a_step_fails_and_leaves_the_first_intact(run):
+    manager = CheckpointManager(run)
+    _save(manager, 800)
+    late = manager.write_files(800, {name: b"stale " + data for name, data in _files(800).items()})
+    with pytest.raises(FileExistsError):
+        manager.commit(800, late, {"epoch": 0})
+    assert manager.load(manager.info(800)).files == _files(800)
+    assert manager.collect_garbage()  # the loser's files are debris
+    assert folder_names(manager, 800) == listed_names(manager, 800)
+
+
+def test_a_checkpoint_without_physical_names_in_its_manifest_still_reads(run):
+    """Format-1 checkpoints store each file under its logical name and have no `path` records."""
+    manager = CheckpointManager(run)
+    files = _files(900)
+    for name, data in files.items():
+        manager.root.write_bytes(data, step_dir(900), name)
+    records = {name: file_record(data) for name, data in files.items()}
+    manager.root.write_bytes(dumps_json({"format": FORMAT_NAME, "format_version": 1, "step": 900, "files": records}),
+                             step_dir(900), MANIFEST)
+    info = manager.info(900)
+    assert info.status == COMMITTED
+    assert manager.load(info).files == files
+    assert manager.verify(info) == []
+    assert manager.debris() == []  # logical names are listed, never debris
 
 
 # -- format version ------------------------------------------------------------------------------

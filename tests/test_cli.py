@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from ckpt_files import data_path
 from conftest import TINY_TASK, error_lines, run_cli
 
 QUICK = ["trainer.max_steps=6", "checkpoint.every_n_steps=3", "task.n=64"]
@@ -81,7 +82,7 @@ def test_ls_shows_incomplete_and_corrupt(finished_run: Path, tmp_path: Path) -> 
     shutil.copytree(finished_run, run_dir)
     (run_dir / "checkpoints" / "step-000000009").mkdir()
     (run_dir / "checkpoints" / "step-000000009" / "model.safetensors").write_bytes(b"partial")
-    with open(run_dir / "checkpoints" / "step-000000003" / "model.safetensors", "ab") as f:
+    with open(data_path(run_dir, 3, "model.safetensors"), "ab") as f:
         f.write(b"x")
     table = run_cli("ls", str(run_dir), check=True).stdout
     status = {int(line.split()[0]): line.split()[1] for line in table.splitlines()[1:]}

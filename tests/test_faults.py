@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ckpt_files import stored_name
 from faulty_fs import Fault, FaultPlan, SimulatedCrash, both, forget, in_step, in_steps_from, install, named, step_of
 from resilient_train import Trainer, TrainingStopped, seed_everything
 from resilient_train.checkpoint import CheckpointManager
@@ -118,7 +119,7 @@ def _valid_steps(url: str) -> list[int]:
             manifest = json.loads(store[key].getvalue())
         except ValueError:
             continue
-        if manifest.get("step") == step and all(_matches(store.get(f"{folder}/{name}"), record)
+        if manifest.get("step") == step and all(_matches(store.get(f"{folder}/{stored_name(name, record)}"), record)
                                                 for name, record in manifest["files"].items()):
             steps.append(step)
     return sorted(steps)
@@ -241,7 +242,7 @@ def test_a_fault_at_any_write_of_a_save_resumes_from_the_newest_valid_checkpoint
         _fit(run.faulty, crash_at=8 if silent else None)
 
     sabotaged = [w for w in plan.writes if w.outcome != "ok"]
-    assert [(w.step, w.name, w.outcome) for w in sabotaged] == [(VICTIM_STEP, victim, mode)]
+    assert [(w.step, w.logical, w.outcome) for w in sabotaged] == [(VICTIM_STEP, victim, mode)]
     if silent:
         assert plan.files_of(VICTIM_STEP) == [f for f in SAVE_FILES if f != victim]  # all others landed
     else:  # the process died at this write: nothing after it was written

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpt_files import data_path
 from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
 from resilient_train.checkpoint.lease import FencedError, Lease, read_lease
 from resilient_train.storage import Storage
@@ -52,6 +53,6 @@ def test_zombie_session_is_fenced_and_the_resumed_run_ends_bit_identical(tmp_pat
 
     assert committed_steps_on_disk(run_dir)[-1] == 40
     assert run_cli("verify", str(run_dir)).returncode == 0
-    a = load_file(str(straight / "checkpoints" / "step-000000040" / "model.safetensors"))
-    b = load_file(str(run_dir / "checkpoints" / "step-000000040" / "model.safetensors"))
+    a = load_file(data_path(straight, 40, "model.safetensors"))
+    b = load_file(data_path(run_dir, 40, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

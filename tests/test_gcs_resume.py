@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ckpt_files import folder_names, listed_names
 from conftest import TINY_TASK, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -146,5 +147,7 @@ def test_sigkilled_gcs_run_resumes_bit_identical_to_local(gcs_url: str, tmp_path
     committed = gcs.committed()
     assert committed[-1] == 60 and len(committed) <= 2, committed  # retention kept keep_last=2
     assert not gcs.in_flight(), "debris of a killed save is left on gs://"
+    for step in committed:  # a killed attempt's files inside a folder committed later are debris too
+        assert folder_names(gcs_url, step) == listed_names(gcs_url, step), f"debris left in step {step}"
     proc = run_cli("verify", gcs_url)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ckpt_files import data_path, read_manifest
 from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
@@ -71,11 +72,12 @@ def payload(kind: str, marker: Path) -> bytes:
 
 
 def _record(data: bytes, like: dict) -> dict:
-    """A manifest record that matches `data`, with the checksum kind the manifest uses."""
+    """A manifest record that matches `data`, with the checksum kind (and physical name) of `like`."""
+    where = {"path": like["path"]} if "path" in like else {}
     if "crc32c" in like:
         assert google_crc32c is not None
-        return {"bytes": len(data), "crc32c": f"{google_crc32c.value(data):08x}"}
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return {"bytes": len(data), "crc32c": f"{google_crc32c.value(data):08x}", **where}
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **where}
 
 
 KINDS = ("pickle", "pickle0", "torch")
@@ -90,14 +92,14 @@ def plant(run_dir: Path, kind: str, scope: str, marker: Path, files: tuple[str, 
     folders = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
     chosen = folders[-1:] if scope == "newest" else folders
     for i, name in enumerate(chosen):
-        manifest_path = root / name / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
+        step = int(name[len("step-"):])
+        manifest = read_manifest(run_dir, step)
         for j, fname in enumerate(files):
             assert fname in manifest["files"], manifest["files"].keys()
             data = payload(KINDS[(i + j) % len(KINDS)] if kind == "mixed" else kind, marker)
-            (root / name / fname).write_bytes(data)
+            Path(data_path(run_dir, step, fname)).write_bytes(data)  # the file the manifest points at
             manifest["files"][fname] = _record(data, manifest["files"][fname])
-        manifest_path.write_text(json.dumps(manifest))
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
     return chosen
 
 

@@ -15,6 +15,7 @@ import fsspec
 import google_crc32c
 import pytest
 
+from ckpt_files import write_data
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint.manager import COMMITTED, INCOMPLETE
 from resilient_train.checkpoint.retention import RetentionPolicy
@@ -384,7 +385,7 @@ def test_same_size_corruption_fails_load_and_falls_back_to_the_older_checkpoint(
     save(manager, 20, new)
     corrupted = bytearray(new["model.safetensors"])
     corrupted[17] ^= 0xFF
-    manager.root.write_bytes(bytes(corrupted), "step-000000020", "model.safetensors")
+    write_data(manager, 20, "model.safetensors", bytes(corrupted))
 
     infos = manager.list()
     assert [(i.step, i.status) for i in infos] == [(10, COMMITTED), (20, COMMITTED)]  # sizes match
@@ -394,6 +395,27 @@ def test_same_size_corruption_fails_load_and_falls_back_to_the_older_checkpoint(
     assert latest is not None
     assert latest.info.step == 10
     assert latest.files == old
+
+
+def test_create_exclusive_refuses_an_existing_file_and_keeps_its_bytes(storage_url: str) -> None:
+    s = Storage(storage_url)
+    s.create_exclusive(b"first", "d", "manifest.json")
+    assert s.read_bytes("d", "manifest.json") == b"first"
+    with pytest.raises(FileExistsError):
+        Storage(storage_url, skip_instance_cache=True).create_exclusive(b"second", "d", "manifest.json")
+    assert s.read_bytes("d", "manifest.json") == b"first"
+    assert names(s.list_dir("d")) == ["manifest.json"]  # no temporary file left behind
+
+
+def test_a_second_commit_of_a_step_by_another_writer_fails_and_the_first_stands(storage_url: str) -> None:
+    first = CheckpointManager(Storage(storage_url))
+    second = CheckpointManager(Storage(storage_url, skip_instance_cache=True))
+    records = second.write_files(4, {"m": b"late"})  # a slow writer, then overtaken
+    save(first, 4, {"m": b"four"})
+    with pytest.raises(FileExistsError):
+        second.commit(4, records, {"epoch": 0})
+    latest = first.load_latest()
+    assert latest is not None and latest.info.step == 4 and latest.files == {"m": b"four"}
 
 
 def test_a_checkpoint_committed_by_another_writer_is_seen_at_once(storage_url: str) -> None:

@@ -24,7 +24,6 @@ from conftest import TINY_TASK, error_lines, run_cli
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 LONGER = "trainer.max_steps=15"
-DATA_FILES = ("manifest.json", "model.safetensors", "state.safetensors", "state.json", "rng-rank00000.json")
 
 
 def _assert_one_error_line(proc, code: int, *fragments: str) -> str:
@@ -59,6 +58,19 @@ def _ls(target: str | Path) -> dict[int, dict]:
 
 def _committed(target: str | Path) -> list[int]:
     return sorted(step for step, row in _ls(target).items() if row["status"] == "committed")
+
+
+def _data_path(run: Path, step: int, logical: str) -> Path:
+    """Where a checkpoint keeps a logical file (data files carry their writer's token)."""
+    folder = run / "checkpoints" / f"step-{step:09d}"
+    record = json.loads((folder / "manifest.json").read_text())["files"][logical]
+    return folder / record.get("path", logical)
+
+
+def _logical_files(run: Path, step: int) -> dict[str, bytes]:
+    folder = run / "checkpoints" / f"step-{step:09d}"
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    return {name: _data_path(run, step, name).read_bytes() for name in files}
 
 
 def _gs_files(url: str) -> set[str]:
@@ -117,9 +129,7 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
     assert {s: r["bytes"] for s, r in local.items()} == {s: r["bytes"] for s, r in remote.items()}
     assert run_cli("verify", str(back)).returncode == 0
     for step in local:  # every file arrived byte for byte
-        name = f"step-{step:09d}"
-        for fname in DATA_FILES:
-            assert (back / "checkpoints" / name / fname).read_bytes() == (src / "checkpoints" / name / fname).read_bytes()
+        assert _logical_files(back, step) == _logical_files(src, step)
     assert (back / "task" / "tiny.py").read_bytes() == Path(TINY_TASK).read_bytes()
     assert (back / "run.yaml").read_bytes() == (src / "run.yaml").read_bytes()
 
@@ -142,23 +152,26 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
     assert _exported_step(out) == 15
 
 
-def test_sync_recopies_a_checkpoint_that_differs_at_the_destination(finished, tmp_path: Path) -> None:
-    """A destination checkpoint whose manifest differs from the source's is replaced, not kept."""
+def test_sync_never_writes_a_checkpoint_that_differs_at_the_destination(finished, tmp_path: Path) -> None:
+    """A committed checkpoint at DST is never written again: a different one is reported, kept."""
     src, dst = finished["run"], tmp_path / "dst"
     run_cli("sync", str(src), str(dst), check=True)
-    flipped = dst / "checkpoints" / "step-000000012" / "model.safetensors"
+    folder = dst / "checkpoints" / "step-000000012"
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["files"]["model.safetensors"]
+    flipped = folder / record["path"]
     data = bytearray(flipped.read_bytes())
     data.extend(b"\0")  # a different, size-consistent file and manifest at the destination
     flipped.write_bytes(bytes(data))
-    manifest_path = flipped.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["model.safetensors"]["bytes"] += 1
+    record["bytes"] += 1
     manifest_path.write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     proc = run_cli("sync", str(src), str(dst))
-    assert proc.returncode == 0, proc.stderr
-    assert "1 checkpoint(s) copied" in proc.stderr and "2 already there" in proc.stderr, proc.stderr
-    assert flipped.read_bytes() == (src / "checkpoints" / "step-000000012" / "model.safetensors").read_bytes()
-    assert run_cli("verify", str(dst)).returncode == 0
+    line = _assert_one_error_line(proc, 1, "12")
+    assert "left as they are" in line, line
+    assert "2 already there" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_sync_copies_the_valid_checkpoints_around_a_corrupt_one(finished, tmp_path: Path) -> None:
@@ -170,7 +183,7 @@ def test_sync_copies_the_valid_checkpoints_around_a_corrupt_one(finished, tmp_pa
     """
     src, dst = tmp_path / "src", tmp_path / "dst"
     shutil.copytree(finished["run"], src)
-    broken = src / "checkpoints" / "step-000000009" / "state.safetensors"
+    broken = _data_path(src, 9, "state.safetensors")
     data = bytearray(broken.read_bytes())
     data[-2] ^= 0xFF
     broken.write_bytes(bytes(data))

@@ -18,10 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ckpt_files import data_path, flip_byte, folder_names, listed_names
 from conftest import TINY_TASK, error_lines, run_cli
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 NEWEST, OLDER = "step-000000012", "step-000000009"
+NEWEST_STEP, OLDER_STEP = 12, 9
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +42,9 @@ def flipped(baseline, tmp_path: Path) -> Path:
     """A copy of the baseline run with one byte of the newest checkpoint's weights flipped."""
     run_dir = tmp_path / "run"
     shutil.copytree(baseline[0], run_dir)
-    flip_one_byte(run_dir / "checkpoints" / NEWEST / "model.safetensors")
+    # one byte in the middle of a tensor's data (not the header): the file still parses, same size
+    flip_byte(run_dir, NEWEST_STEP, "model.safetensors")
     return run_dir
-
-
-def flip_one_byte(path: Path) -> None:
-    """Invert one byte in the middle of a tensor's data (not the header): the file still parses, same size."""
-    data = bytearray(path.read_bytes())
-    size = len(data)
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    begin, end = next(v["data_offsets"] for k, v in sorted(header.items()) if k != "__metadata__" and v["data_offsets"][1] > v["data_offsets"][0])
-    data[8 + header_len + (begin + end) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert path.stat().st_size == size
 
 
 def _one_error_line(proc, *fragments: str) -> str:
@@ -78,8 +69,8 @@ def _exported_step(path: Path) -> int:
 
 def test_the_flip_really_changes_a_weight(baseline, flipped: Path) -> None:
     """Sanity check of the fixture: the broken file still decodes, to different weights."""
-    original = load_file(str(baseline[0] / "checkpoints" / NEWEST / "model.safetensors"))
-    broken = load_file(str(flipped / "checkpoints" / NEWEST / "model.safetensors"))
+    original = load_file(data_path(baseline[0], NEWEST_STEP, "model.safetensors"))
+    broken = load_file(data_path(flipped, NEWEST_STEP, "model.safetensors"))
     assert original.keys() == broken.keys()
     assert any(not torch.equal(original[k], broken[k]) for k in original)
 
@@ -162,13 +153,15 @@ def test_resume_falls_back_to_step_9_and_ends_bit_identical(baseline, flipped: P
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "BROKEN" not in proc.stdout
     assert "step 12: ok" in proc.stdout
-    rewritten = (flipped / "checkpoints" / NEWEST / "model.safetensors").read_bytes()
-    assert rewritten == (baseline[0] / "checkpoints" / NEWEST / "model.safetensors").read_bytes()
+    rewritten = Path(data_path(flipped, NEWEST_STEP, "model.safetensors")).read_bytes()
+    assert rewritten == Path(data_path(baseline[0], NEWEST_STEP, "model.safetensors")).read_bytes()
+    # the broken step's old files were debris of the replaced commit: collected, not left behind
+    assert folder_names(flipped, NEWEST_STEP) == listed_names(flipped, NEWEST_STEP)
 
 
 def test_resume_when_every_checkpoint_but_the_oldest_is_broken(baseline, flipped: Path, tmp_path: Path) -> None:
     """Two broken checkpoints in a row: each is skipped in its own line, the oldest one is used."""
-    flip_one_byte(flipped / "checkpoints" / OLDER / "state.safetensors")
+    flip_byte(flipped, OLDER_STEP, "state.safetensors")
     proc = run_cli("verify", str(flipped))
     assert proc.returncode == 1
     _one_error_line(proc, f"{NEWEST}/model.safetensors", f"{OLDER}/state.safetensors")

@@ -12,7 +12,12 @@ from resilient_train.task import Task, load_task
 
 
 def train_task(task: Task, cfg: RunConfig) -> Any:
-    """Launch, snapshot the task into the run folder, seed every RNG from cfg.seed, build, fit."""
+    """Launch, prepare the run folder, seed every RNG from cfg.seed, build, fit.
+
+    A new run folder is written whole before `build` (task snapshot, run id, run.yaml last); an
+    existing one holding another task is refused (UsageError, exit 2) before anything is built or
+    written, and its snapshot and run.yaml are replaced only after its checkpoint was restored.
+    """
     from resilient_train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -25,7 +30,9 @@ def train_task(task: Task, cfg: RunConfig) -> Any:
 def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
     """`python -m resilient_train run TASK [--run-dir URL] [--config FILE] [KEY=VALUE ...]` as a call.
 
-    Continues the run if `run_dir` already holds it. Returns the `FitResult`; raises
+    Continues the run if `run_dir` already holds it (the same task file, possibly edited), starts
+    it when `run_dir` holds none or only the debris of a run that crashed before it was complete
+    (no run.yaml). Returns the `FitResult`; raises
     `TrainingStopped` (exit code 75) when stopped by a signal or the session budget.
     """
     loaded = load_task(task)
@@ -39,7 +46,11 @@ def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = N
 
 
 def resume_run(run_dir: str, overrides: Sequence[str] = ()) -> Any:
-    """`python -m resilient_train resume RUN [KEY=VALUE ...]` as a call: needs only the run folder."""
+    """`python -m resilient_train resume RUN [KEY=VALUE ...]` as a call: needs only the run folder.
+
+    A folder without run.yaml holds no run (nothing, or a run that crashed before it was
+    complete): NotFoundError (exit 3) naming `run TASK --run-dir RUN`.
+    """
     folder = RunFolder.at(run_dir)
     cfg = resolve(folder.read_config_layer(), parse_overrides(overrides), {"run_dir": run_dir})
     with tempfile.TemporaryDirectory(prefix="resilient_train_task_") as tmp:

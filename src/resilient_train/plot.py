@@ -4,16 +4,19 @@ Each session (one process lifetime, e.g. one Colab VM) is shaded and labelled wi
 and precision, and resume points are marked, so one picture tells the story of a run that moved
 between machines. A resumed session re-logs the steps after its checkpoint; per step the newest
 session's row wins. matplotlib is an optional extra (`pip install 'resilient_train[plot]'`).
+
+Damaged bookkeeping does not stop a plot: rows of `logs/metrics.csv` that do not parse (a torn last
+row) are skipped, and a damaged `sessions.json` leaves the sessions unlabelled (one warning line).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from resilient_train.errors import NotFoundError, UsageError
+from resilient_train.metrics import read_rows
 from resilient_train.portability import device_kind
 from resilient_train.run_folder import RunFolder
 from resilient_train.storage import Storage
@@ -49,26 +52,34 @@ def _float(value: Optional[str]) -> Optional[float]:
         return None
 
 
+def _label(record: dict[str, Any]) -> str:
+    """The machine, precision and world size of a session record ("unknown machine" if odd-shaped)."""
+    try:
+        world = record.get("world_size", 1)
+        return f"{device_kind(record.get('environment', {}))}, {record.get('precision', '?')}" + (f", {world} proc" if world != 1 else "")
+    except (AttributeError, TypeError):
+        return "unknown machine"
+
+
 def read_history(run: Storage) -> RunHistory:
     """Parse `logs/metrics.csv` and `sessions.json` of a run."""
-    if not run.exists("logs", "metrics.csv"):
-        raise NotFoundError(f"no metrics in '{run.url}' (logs/metrics.csv); has the run logged a step yet?")
-    rows = list(csv.DictReader(io.StringIO(run.read_text("logs", "metrics.csv"))))
-    records = RunFolder(run).sessions()
+    try:
+        rows = read_rows(run)
+    except FileNotFoundError:
+        raise NotFoundError(f"no metrics in '{run.url}' (logs/metrics.csv); has the run logged a step yet?") from None
     sessions = {
-        int(r["session"]): Session(
-            number=int(r["session"]),
-            start_step=int(r.get("start_step", 0)),
-            label=f"{device_kind(r.get('environment', {}))}, {r.get('precision', '?')}"
-            + (f", {r['world_size']} proc" if r.get("world_size", 1) != 1 else ""),
+        r["session"]: Session(
+            number=r["session"],
+            start_step=r.get("start_step", 0),
+            label=_label(r),
         )
-        for r in records
+        for r in RunFolder(run).sessions()  # records of the right shape only
     }
     loss: dict[int, tuple[int, float]] = {}
     lr: dict[int, tuple[int, float]] = {}
     val: dict[int, tuple[int, float]] = {}
     for row in rows:
-        session, step = int(row["session"] or 0), int(row["step"])
+        session, step = row["session"], row["step"]
         if session not in sessions:
             sessions[session] = Session(number=session, start_step=0, label="unknown machine")
         for table, key in ((loss, "loss"), (lr, "lr"), (val, "val_loss")):

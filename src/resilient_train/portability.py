@@ -16,11 +16,12 @@ from typing import Any
 ENV_KEYS = ("python", "torch", "lightning_fabric", "resilient_train", "cuda", "cudnn", "host")
 
 
-def device_kind(environment: dict[str, Any]) -> str:
-    gpus = environment.get("gpus") or []
-    if not gpus:
+def device_kind(environment: Any) -> str:
+    """"2x NVIDIA L4" or "CPU"; tolerant of a damaged or foreign environment record."""
+    gpus = environment.get("gpus") if isinstance(environment, dict) else None
+    if not isinstance(gpus, list) or not gpus:
         return "CPU"
-    names = sorted({g.get("name", "?") for g in gpus})
+    names = sorted({str(g.get("name", "?")) if isinstance(g, dict) else "?" for g in gpus})
     return f"{len(gpus)}x {', '.join(names)}"
 
 

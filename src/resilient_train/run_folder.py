@@ -1,18 +1,41 @@
-"""The run folder: `run.yaml`, the task snapshot, the session record, the checkpoints.
+"""The run folder: `run.yaml`, the task snapshot, the run's id, the session record, the checkpoints.
 
     RUN/
-      run.yaml          resolved config (no secrets)
-      task/             snapshot of the task source (+ ASSETS) and task.json naming the entry file
+      run.yaml          resolved config (no secrets); written LAST when a run is born: its commit
+      run.json          {"run_id": uuid hex, "created_at": ...}: which run this is (sync and the
+                        mirror use it to refuse merging two different runs); written once, when
+                        the run is born (runs older than run ids get none: a copy made before
+                        an id was added would otherwise get another id than its source)
+      task/             snapshot of the task source (+ ASSETS) and task.json naming the entry file,
+                        its origin and the sha256 of each snapshotted file
       sessions.json     one record per session (start step, environment): the run's history
+      lease.json        who may write the run now (checkpoint/lease.py)
       checkpoints/      see checkpoint/
       logs/             metrics.csv (+ tensorboard/)
+
+Why the order matters. A run exists when `run.yaml` exists. A new run is written task snapshot
+first, then `run.json`, then `run.yaml`, each file whole (storage.py), so a crash at any moment
+leaves either a complete run or a folder without `run.yaml`: debris that `run TASK --run-dir`
+overwrites as a fresh run and that `resume` refuses (exit 3) naming that command.
+
+Bookkeeping never blocks a resume. For an existing run, `run` refuses up front (exit 2, before
+anything is written) a task whose entry file name (or module name) differs from the recorded one;
+the same task edited is accepted. Its snapshot and `run.yaml` are replaced only by `refresh`, which
+the trainer calls after the checkpoint was restored, so a task or config that does not fit the
+checkpoint leaves the stored ones as they were. A damaged `sessions.json` is reported in one line
+and rebuilt (the damaged bytes kept in `sessions.json.bak`); a damaged `task/task.json` is treated
+as no record (and replaced at the next refresh).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import posixpath
 import time
+import uuid
 from typing import Any, Optional
 
 from resilient_train.config import RunConfig, load_run_yaml, resolve
@@ -20,10 +43,15 @@ from resilient_train.errors import NotFoundError, UsageError
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
+log = logging.getLogger(__name__)
+
 RUN_YAML = "run.yaml"
+RUN_JSON = "run.json"
 TASK_DIR = "task"
 TASK_JSON = "task.json"
 SESSIONS = "sessions.json"
+SESSIONS_BACKUP = "sessions.json.bak"
+_DAMAGED = object()  # what _read_json returns for a file that is there but does not parse
 
 
 class RunFolder:
@@ -37,7 +65,47 @@ class RunFolder:
         return cls(Storage(url))
 
     def has_run(self) -> bool:
+        """Whether a run was born here (`run.yaml` is its commit marker)."""
         return self.storage.exists(RUN_YAML)
+
+    # -- birth and refresh ---------------------------------------------------------------------
+    def prepare(self, cfg: RunConfig, task: Optional[Task]) -> bool:
+        """Before training: create the run whole if there is none; returns True when it did.
+
+        An existing run is only checked (another task is refused with a UsageError); nothing of
+        it is written until `refresh`, after its checkpoint was restored.
+        """
+        if self.has_run():
+            self.check_task(task)
+            return False
+        self.create(cfg, task)
+        return True
+
+    def create(self, cfg: RunConfig, task: Optional[Task]) -> None:
+        """Write a new run: debris of an unborn one removed, task snapshot, run.json, run.yaml last."""
+        if task is not None and task.source is not None:
+            self.storage.remove(TASK_DIR, recursive=True)  # no run.yaml: whatever is there is debris
+            self.snapshot_task(task)
+        self._write_run_id()
+        self.write_config(cfg)
+
+    def refresh(self, cfg: RunConfig, task: Optional[Task]) -> None:
+        """After the checkpoint was restored: the task snapshot (when it changed), then `run.yaml`."""
+        if task is not None and task.source is not None and self._task_changed(task):
+            self.snapshot_task(task)
+        self.write_config(cfg)
+
+    def run_id(self) -> Optional[str]:
+        """The id written when the run was born (None for runs older than run ids, or unreadable)."""
+        record = self._read_json(RUN_JSON)
+        run_id = record.get("run_id") if isinstance(record, dict) else None
+        if record is not None and record is not _DAMAGED and run_id is None:
+            log.warning("%s is damaged (no run_id); ignoring it", self.storage.display(RUN_JSON))
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    def _write_run_id(self) -> None:
+        record = {"run_id": uuid.uuid4().hex, "created_at": _now()}
+        self.storage.write_text(json.dumps(record, indent=2), RUN_JSON)
 
     # -- config --------------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:
@@ -58,27 +126,77 @@ class RunFolder:
 
     # -- task snapshot -------------------------------------------------------------------------
     def snapshot_task(self, task: Task) -> None:
-        """Copy the task file and its ASSETS so `resume` needs nothing but this folder."""
+        """Copy the task file and its ASSETS so `resume` needs nothing but this folder.
+
+        task.json is written after the files it names, so it never points at a missing file.
+        """
         if task.source is None:
             return
-        folder = os.path.dirname(task.source)
-        entry = os.path.basename(task.source)
-        with open(task.source, "rb") as f:
-            self.storage.write_bytes(f.read(), TASK_DIR, entry)
-        for asset in task.assets:
-            src = os.path.join(folder, asset)
-            if not os.path.isfile(src):
-                raise UsageError(f"task asset '{asset}' not found next to {task.source}")
-            with open(src, "rb") as f:
-                self.storage.write_bytes(f.read(), TASK_DIR, *asset.split("/"))
-        meta = {"entry": entry, "origin": task.name, "assets": task.assets}
+        files = _task_files(task)
+        for name, data in files.items():
+            self.storage.write_bytes(data, TASK_DIR, *name.split("/"))
+        meta = {
+            "entry": os.path.basename(task.source),
+            "origin": task.name,
+            "assets": task.assets,
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        }
         self.storage.write_text(json.dumps(meta, indent=2), TASK_DIR, TASK_JSON)
+
+    def task_meta(self) -> Optional[dict[str, Any]]:
+        """task/task.json, or None when absent or damaged (said in one warning line)."""
+        meta = self._read_json(TASK_DIR, TASK_JSON)
+        if meta is None or meta is _DAMAGED:
+            return None
+        entry = meta.get("entry") if isinstance(meta, dict) else None
+        assets = meta.get("assets", []) if isinstance(meta, dict) else None
+        if not (isinstance(entry, str) and _safe_name(entry) and isinstance(assets, list)
+                and all(isinstance(a, str) and _safe_name(a) for a in assets)):
+            log.warning("%s is damaged (not a task record); ignoring it", self.storage.display(TASK_DIR, TASK_JSON))
+            return None
+        return meta
+
+    def check_task(self, task: Optional[Task]) -> None:
+        """Refuse to train `task` here when the run holds another task (UsageError, exit 2).
+
+        Same entry file name (and, for tasks given as modules, the same module) is the same task:
+        an edited task file is accepted and its snapshot refreshed after the restore.
+        """
+        if task is None or task.source is None:
+            return
+        recorded = self.task_meta()
+        if recorded is None:
+            return
+        entry = os.path.basename(task.source)
+        origin = recorded.get("origin")
+        same = recorded["entry"] == entry
+        if same and isinstance(origin, str) and _is_module_name(origin) and _is_module_name(task.name):
+            same = origin == task.name
+        if not same:
+            held = origin if isinstance(origin, str) and _is_module_name(origin) else recorded["entry"]
+            new = task.name if _is_module_name(task.name) else entry
+            url = self.storage.url
+            raise UsageError(
+                f"run folder '{url}' holds a run of task {held}, not {new}; pass --run-dir with another folder "
+                f"to start a run of {new} (or `resume {url}` to continue {held})"
+            )
+
+    def _task_changed(self, task: Task) -> bool:
+        recorded = self.task_meta()
+        if recorded is None or not isinstance(recorded.get("sha256"), dict):
+            return True
+        if recorded["entry"] != os.path.basename(task.source or ""):
+            return True
+        now = {name: hashlib.sha256(data).hexdigest() for name, data in _task_files(task).items()}
+        return now != recorded["sha256"]
 
     def task_entry(self, local_dir: Optional[str] = None) -> str:
         """Path of the snapshotted task file, copied to `local_dir` first when the run is remote."""
         if not self.storage.exists(TASK_DIR, TASK_JSON):
-            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json); run it with `run TASK` instead")
-        meta = json.loads(self.storage.read_text(TASK_DIR, TASK_JSON))
+            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json); run it with `run TASK --run-dir {self.storage.url}` instead")
+        meta = self.task_meta()
+        if meta is None:
+            raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); run it with `run TASK --run-dir {self.storage.url}` instead")
         if self.storage.is_local:
             return self.storage.path(TASK_DIR, meta["entry"])
         if local_dir is None:
@@ -92,17 +210,120 @@ class RunFolder:
 
     # -- sessions ------------------------------------------------------------------------------
     def sessions(self) -> list[dict[str, Any]]:
-        if not self.storage.exists(SESSIONS):
-            return []
-        return json.loads(self.storage.read_text(SESSIONS))
+        """The session records; a damaged file is reported in one warning line, never fatal."""
+        return self._load_sessions()[0]
 
     def start_session(self, start_step: int, info: dict[str, Any]) -> int:
-        """Record a new session of this run; returns its number (1 for the first)."""
-        sessions = self.sessions()
-        number = len(sessions) + 1
+        """Record a new session of this run; returns its number (1 for the first).
+
+        A damaged sessions.json is kept as sessions.json.bak and a fresh list started; the new
+        session's number then continues after the highest one in logs/metrics.csv, so plots still
+        tell the sessions apart.
+        """
+        sessions, damaged = self._load_sessions()
+        highest = max((s["session"] for s in sessions), default=0)
+        if damaged is not None:
+            try:
+                self.storage.write_bytes(damaged, SESSIONS_BACKUP)
+            except Exception as exc:  # the backup is a courtesy; the rebuilt record matters
+                log.warning("could not keep the damaged %s as %s (%s: %s)", SESSIONS, SESSIONS_BACKUP, type(exc).__name__, exc)
+            highest = max(highest, _highest_logged_session(self.storage))
+        number = highest + 1
         sessions.append({"session": number, "start_step": start_step, "started_at": _now(), **info})
         self.storage.write_text(json.dumps(sessions, indent=2), SESSIONS)
         return number
+
+    def _load_sessions(self) -> tuple[list[dict[str, Any]], Optional[bytes]]:
+        """(usable records, the raw bytes when the file was damaged)."""
+        try:
+            raw = self.storage.read_bytes(SESSIONS)
+        except FileNotFoundError:
+            return [], None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            log.warning("%s is damaged (%s); ignoring it (rebuilt at the next session)", self.storage.display(SESSIONS), _why(exc))
+            return [], raw
+        if not isinstance(data, list):
+            log.warning("%s is damaged (a %s, not a list); ignoring it (rebuilt at the next session)", self.storage.display(SESSIONS), type(data).__name__)
+            return [], raw
+        records = [r for r in (_clean_session(item) for item in data) if r is not None]
+        if len(records) != len(data):
+            log.warning("%s: ignoring %d damaged record(s)", self.storage.display(SESSIONS), len(data) - len(records))
+            return records, raw
+        return records, None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _read_json(self, *parts: str) -> Any:
+        """A small JSON file, None when absent, `_DAMAGED` (said in one warning line) when unreadable."""
+        try:
+            raw = self.storage.read_bytes(*parts)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            log.warning("%s is damaged (%s); ignoring it", self.storage.display(*parts), _why(exc))
+            return _DAMAGED
+
+
+def _task_files(task: Task) -> dict[str, bytes]:
+    """The entry file and the ASSETS of a task, by snapshot name, read from the task's folder."""
+    assert task.source is not None
+    folder = os.path.dirname(task.source)
+    with open(task.source, "rb") as f:
+        files = {os.path.basename(task.source): f.read()}
+    for asset in task.assets:
+        src = os.path.join(folder, asset)
+        if not os.path.isfile(src):
+            raise UsageError(f"task asset '{asset}' not found next to {task.source}")
+        with open(src, "rb") as f:
+            files[asset] = f.read()
+    return files
+
+
+def _clean_session(item: Any) -> Optional[dict[str, Any]]:
+    """A session record with the types readers rely on, or None when it is not one."""
+    if not isinstance(item, dict):
+        return None
+    number = item.get("session")
+    if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+        return None
+    record = dict(item)
+    start = record.get("start_step")
+    if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
+        record.pop("start_step")
+    if "environment" in record and not isinstance(record["environment"], dict):
+        record.pop("environment")
+    return record
+
+
+def _highest_logged_session(storage: Storage) -> int:
+    from resilient_train.metrics import read_rows
+
+    try:
+        rows = read_rows(storage)
+    except Exception:  # no metrics, or unreadable: numbering restarts after the records we have
+        return 0
+    return max((row["session"] for row in rows), default=0)
+
+
+def _is_module_name(name: str) -> bool:
+    """A task given as `package.module` (not a path to a .py file)."""
+    return not name.endswith(".py") and "/" not in name and os.sep not in name
+
+
+def _safe_name(name: str) -> bool:
+    """A relative path inside task/ (task.json may come from a shared folder)."""
+    norm = posixpath.normpath(name)
+    return bool(name) and not name.startswith("/") and not norm.startswith("..") and "\\" not in name and "\x00" not in name
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _now() -> str:

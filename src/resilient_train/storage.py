@@ -138,6 +138,28 @@ class Storage:
             entry["basename"] = posixpath.basename(entry["name"].rstrip("/"))
         return [e for e in entries if e["name"].rstrip("/") != path.rstrip("/")]
 
+    def walk(self, *parts: str) -> dict[str, dict]:
+        """Every file under a folder in one fresh listing: {relative path: fsspec detail dict}.
+
+        One recursive listing (one request on an object store) instead of a listing per folder;
+        empty folders appear with `type` "directory". Symlinks are reported as such (`islink`),
+        never followed into.
+        """
+        path = self._fresh(self.path(*parts))
+        self.fs.invalidate_cache(path)
+        try:
+            found = self._retry(lambda: self.fs.find(path, withdirs=True, detail=True), f"listing {path}")
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        base = path.rstrip("/") + "/"
+        out = {}
+        for name, entry in found.items():
+            name = name.rstrip("/")
+            if not name.startswith(base):
+                continue
+            out[name[len(base):]] = entry
+        return out
+
     # -- writes --------------------------------------------------------------------------------
     def makedirs(self, *parts: str) -> None:
         path = self.path(*parts)
@@ -191,6 +213,40 @@ class Storage:
         except ValueError:
             return None
 
+    def create_exclusive(self, data: bytes, *parts: str) -> None:
+        """Write a small file only if it does not exist yet: the commit of a checkpoint.
+
+        Raises FileExistsError when the file exists (another writer committed first). Local disk
+        and mounts (Drive): a temporary file is fsynced and hard-linked to the final name, which
+        fails atomically when the name exists; where links are refused, `O_EXCL` creation. GCS: an
+        upload with the precondition `ifGenerationMatch=0` (gcsfs `mode="create"`). Other stores
+        (memory://, s3://) have no such primitive: the name is checked just before the write.
+        A retried request whose first attempt did land finds its own bytes and counts as done.
+        """
+        path = self.path(*parts)
+
+        def create() -> None:
+            try:
+                if self.is_local:
+                    _create_local(path, data)
+                elif _is_gcs(self.fs):
+                    self.fs.invalidate_cache(posixpath.dirname(path))
+                    if self.fs.exists(path):  # the emulator ignores preconditions; GCS does not
+                        raise FileExistsError(path)
+                    self.fs.pipe_file(path, data, mode="create")
+                else:
+                    self.fs.invalidate_cache(posixpath.dirname(path))
+                    if self.fs.exists(path):
+                        raise FileExistsError(path)
+                    self.fs.pipe_file(path, data)
+            except FileExistsError:
+                if self._retry(lambda: self.fs.cat_file(path), f"reading {path}") == data:
+                    return  # our own earlier attempt landed before its answer was lost
+                raise
+
+        self._retry(create, f"creating {path}")
+        self.fs.invalidate_cache(posixpath.dirname(path))
+
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode("utf-8"), *parts)
 
@@ -223,6 +279,39 @@ def _write_local(path: str, chunks: Sequence[Buffer]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(folder)
+
+
+def _create_local(path: str, data: bytes) -> None:
+    """Exclusive create with complete contents: fsynced temp file, then `os.link` to the name."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:  # a mount without hard links: exclusive create, then fill it
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EACCES):
+                raise
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _is_gcs(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "gs" in protocol or "gcs" in protocol
 
 
 def _fsync_dir(folder: str) -> None:

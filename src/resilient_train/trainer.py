@@ -21,15 +21,16 @@ from resilient_train import state as state_lib
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.lease import Lease
-from resilient_train.checkpoint.manager import load_newest_valid
+from resilient_train.checkpoint.manager import LoadedCheckpoint, load_newest_valid
 from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
-from resilient_train.checkpoint.saver import CheckpointSaver, Collective
+from resilient_train.checkpoint.collective import Collective
+from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import RunConfig, kwargs_layer, resolve
 from resilient_train.data import BatchStream, build_eval_loader, build_loader
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
-from resilient_train.errors import TrainingStopped, UsageError
+from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.metrics import MetricsLogger
 from resilient_train.portability import resume_report
@@ -42,6 +43,8 @@ from resilient_train.task import Task
 log = logging.getLogger("resilient_train")
 
 StepFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+# How long an exception leaving the loop waits for a background save to commit before it goes on.
+EXIT_WAIT_SECONDS = 600.0
 
 
 @dataclass
@@ -105,19 +108,26 @@ class Trainer:
         return self.fabric
 
     def prepare_run(self, task: Optional[Task] = None) -> None:
-        """Snapshot the task (global rank 0) and, for a new run, write `run.yaml`.
+        """A new run is born whole here (task snapshot, run id, `run.yaml` last; global rank 0).
 
-        An existing run's `run.yaml` is rewritten only once `fit` has restored its checkpoint, so a
-        `resume` with a bad override that fails leaves the stored config as it was.
+        An existing run is only checked: a different task is refused before anything is written
+        (UsageError on rank 0, exit code 2 on the others). Its task snapshot and `run.yaml` are replaced only once `fit`
+        has restored its checkpoint (`_start_session`), so a `run` or `resume` that fails to
+        restore leaves the stored ones as they were.
         """
         fabric = self.launch()
+        refusal: Optional[str] = None
         if fabric.global_rank == 0:
-            folder = RunFolder(Storage(self.config.run_dir))
-            if not folder.has_run():
-                folder.write_config(self.config)
-            if task is not None:
-                folder.snapshot_task(task)
+            try:
+                RunFolder(Storage(self.config.run_dir)).prepare(self.config, task)
+            except UsageError as exc:
+                refusal = str(exc)
+        if fabric.world_size > 1:
+            refusal = fabric.broadcast(refusal, src=0)
+        if refusal is not None:  # rank 0 says it in one line; the other ranks exit with its code
+            raise UsageError(refusal) if fabric.global_rank == 0 else SystemExit(UsageError.exit_code)
         fabric.barrier()
+        self._task = task
         self._run_prepared = True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -166,11 +176,38 @@ class Trainer:
                 _info(fabric, "checkpoint.mirror is the run folder itself (a run resumed from its mirror?); not mirroring")
             else:
                 managers.append(CheckpointManager(mirror))
-        progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler, batch_layout)
-        stream.seek(progress.epoch, progress.cursor)
-        session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
-        if resumed_from is not None:
-            saver.last_path = managers[0].info(resumed_from).path
+        with StopRequest() as stop:  # a SIGTERM while the checkpoint loads still ends with 75
+            progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler, batch_layout)
+            if _agree(fabric, stop.reason is not None):
+                _info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
+                raise TrainingStopped(progress.step, stop.reason or "signal", rank=rank)
+            stream.seek(progress.epoch, progress.cursor)
+            session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
+            if resumed_from is not None:
+                saver.last_path = managers[0].info(resumed_from).path
+            try:
+                result = self._loop(fabric, stop, saver, run, session, progress, model, optimizer, scheduler, scaler,
+                                    step_fn, stream, val_loader, micro_batches, batch_layout)
+            except BaseException as exc:
+                if not isinstance(exc, TrainingStopped):
+                    saver.abort(EXIT_WAIT_SECONDS)  # the save in flight commits or is reported
+                raise
+        fabric.barrier()
+        return FitResult(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=result[0],
+            val_loss=result[1],
+            checkpoint=saver.last_path,
+            resumed_from=resumed_from,
+            rank=rank,
+        )
+
+    def _loop(self, fabric: Fabric, stop: StopRequest, saver: CheckpointSaver, run: Storage, session: int,
+              progress: state_lib.Progress, model: Any, optimizer: Any, scheduler: Any, scaler: Any, step_fn: StepFn,
+              stream: BatchStream, val_loader: Any, micro_batches: int, batch_layout: dict[str, int]) -> tuple[Optional[float], Optional[float]]:
+        """Steps to `max_steps`: accumulate, clip, update, log, validate, save; (last loss, val loss)."""
+        cfg, tcfg, rank = self.config, self.config.trainer, fabric.global_rank
         budget = budget_seconds(cfg.checkpoint.session_budget)
         deadline = SessionDeadline(budget, session_elapsed_offset()) if budget else None
         if budget:
@@ -184,7 +221,7 @@ class Trainer:
         last_loss: Optional[float] = None
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
-        with StopRequest() as stop, _closing(bar, metrics):
+        with _closing(bar, metrics):
             while progress.step < tcfg.max_steps:
                 loss_sum = torch.zeros((), device=fabric.device)
                 for micro in range(micro_batches):
@@ -241,25 +278,37 @@ class Trainer:
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
                     raise TrainingStopped(step, stop.reason or "signal", rank=rank)
             saver.finish()
-        fabric.barrier()
-        return FitResult(
-            step=progress.step,
-            epoch=progress.epoch,
-            loss=last_loss,
-            val_loss=val_loss,
-            checkpoint=saver.last_path,
-            resumed_from=resumed_from,
-            rank=rank,
-        )
+        return last_loss, val_loss
 
     def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any, batch_layout: dict[str, int]) -> tuple[state_lib.Progress, Optional[int]]:
         """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
         wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
-        found = load_newest_valid(managers, wanted, decode=lambda c: c.snapshot(rank)) if rank == 0 else None
-        choice = fabric.broadcast((found[0], found[1].info.step) if found else None)
+        misfits: list[CheckpointError] = []
+
+        def decode(loaded: LoadedCheckpoint) -> fmt.Snapshot:
+            """Decode and check against the live objects: one that does not fit is skipped too."""
+            snapshot = loaded.snapshot(rank)
+            try:
+                state_lib.check(snapshot, model, optimizer, scheduler, scaler)
+            except CheckpointError as exc:
+                misfits.append(exc)
+                raise
+            return snapshot
+
+        choice: Any = None
+        found = None
+        if rank == 0:
+            found = load_newest_valid(managers, wanted, decode=decode)
+            if found is not None:
+                choice = (found[0], found[1].info.step)
+            elif misfits:  # the model changed, not the checkpoints: never silently start over
+                choice = ("error", str(misfits[0]))
+        choice = fabric.broadcast(choice)
         if choice is None:
             return state_lib.Progress(), None
+        if choice[0] == "error":
+            raise CheckpointError(choice[1])
         index, step = choice
         if found is not None:
             _, loaded, snapshot = found
@@ -281,9 +330,10 @@ class Trainer:
         environment = fingerprint()  # probed once: recorded in the session and in every manifest
         session, lease, mirror = 0, None, None
         if rank == 0:
-            RunFolder(run).write_config(cfg)  # the config this session really trains with
+            folder = RunFolder(run)
+            folder.refresh(cfg, self._task)  # restored: now the task snapshot and the config this session trains with
             lease = Lease.acquire(run)
-            session = RunFolder(run).start_session(progress.step, {
+            session = folder.start_session(progress.step, {
                 "incarnation": lease.incarnation, "world_size": fabric.world_size,
                 "precision": self.precision, "environment": environment,
             })
@@ -303,8 +353,22 @@ class Trainer:
             },
             lease=lease,
             mirror=mirror,
+            decide=fabric.broadcast if fabric.world_size > 1 else (lambda value: value),
         )
+        if rank == 0:
+            _collect_debris(managers[0])
         return session, saver
+
+
+def _collect_debris(manager: CheckpointManager) -> None:
+    """Session start, lease held: remove what dead writers left (never a committed checkpoint)."""
+    try:
+        removed = manager.collect_garbage()
+    except Exception as exc:  # noqa: BLE001 - debris costs space, not correctness
+        log.warning("could not remove debris of earlier sessions (%s: %s)", type(exc).__name__, exc)
+        return
+    if removed:
+        log.info("removed debris of interrupted saves: %s", ", ".join(removed))
 
 
 @contextlib.contextmanager

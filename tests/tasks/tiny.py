@@ -4,6 +4,7 @@
 test can compare the data order of an interrupted run with an uninterrupted one. `task.sleep`
 slows each step so a test can interrupt mid-run. `task.ballast` adds that many trained
 parameters so checkpoints are large and a save takes long enough to be killed in the middle.
+`task.fail_at` makes the training step raise on that call (a bug in user code mid-run).
 """
 
 import time
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -37,8 +38,12 @@ def build(cfg):
     if t.ballast:
         model.register_parameter("ballast", nn.Parameter(torch.zeros(t.ballast)))
     log_path = t.order_log
+    calls = [0]
 
     def training_step(model, batch):
+        calls[0] += 1
+        if t.fail_at and calls[0] == t.fail_at:
+            raise RuntimeError(f"task bug at call {calls[0]}")
         if log_path:
             with open(log_path, "a") as f:
                 f.write(" ".join(str(int(i)) for i in batch["index"]) + "\n")

@@ -11,13 +11,14 @@ keys could be mistaken for a tag is itself tagged, so decoding is unambiguous.
 from __future__ import annotations
 
 import base64
-import json
 import math
 from typing import Any, Union
 
 import torch
 
 from resilient_train.checkpoint import tensorfile
+from resilient_train.checkpoint.jsonio import describe
+from resilient_train.checkpoint.jsonio import dumps_json, loads_json  # noqa: F401 - re-exported from their old home
 from resilient_train.errors import CheckpointError
 
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__bytes__", "__float__")
@@ -65,38 +66,77 @@ def encode(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
     return walk(tree, prefix), tensors
 
 
-def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Rebuild the tree `encode` split, taking tensors from `tensors`."""
-    if isinstance(obj, list):
-        return [decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) == 1:
-        (tag, value), = obj.items()
-        if tag == "__tensor__":
-            if value not in tensors:
-                raise CheckpointError(f"checkpoint references tensor '{value}' that is not in its tensor file")
-            return tensors[value]
-        if tag == "__tuple__":
-            return tuple(decode(v, tensors) for v in value)
-        if tag == "__dict__":
-            return {decode(k, tensors): decode(v, tensors) for k, v in value}
-        if tag == "__bytes__":
-            return base64.b64decode(value)
-        if tag == "__float__":
-            return float(value)
-    return {k: decode(v, tensors) for k, v in obj.items()}
+def decode(obj: Any, tensors: dict[str, torch.Tensor], name: str = "state.json") -> Any:
+    """Rebuild the tree `encode` split, taking tensors from `tensors`.
 
-
-def dumps_json(obj: Any) -> bytes:
-    return json.dumps(obj, allow_nan=False, separators=(",", ":"), sort_keys=False).encode("utf-8")
-
-
-def loads_json(data: bytes, name: str) -> Any:
+    `obj` comes from a file that may be foreign or hostile: anything `encode` cannot have written
+    (an unknown tag, a tag holding the wrong type, bad base64, an unhashable key) is a one-line
+    CheckpointError naming `name`, never another exception.
+    """
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name} is not valid JSON ({exc.__class__.__name__}); the file is corrupt") from None
+        return _decode(obj, tensors, name)
+    except CheckpointError:
+        raise
+    except (RecursionError, MemoryError) as exc:
+        raise CheckpointError(f"{name} is nested too deeply or too large to decode ({type(exc).__name__})") from None
+    except Exception as exc:  # a case the checks below missed: still this checkpoint's defect
+        raise CheckpointError(f"{name} cannot be decoded ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors, name) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{name} holds {describe(obj)}, which is not JSON")
+    tagged = [k for k in obj if not isinstance(k, str) or k.startswith("__")]
+    if not tagged:
+        return {k: _decode(v, tensors, name) for k, v in obj.items()}
+    tag = tagged[0]
+    if len(obj) != 1 or tag not in _TAGS:
+        # `encode` tags every dict with such a key, so a plain one cannot come from it
+        raise CheckpointError(f"{name} holds an unknown tag {str(tag)[:40]!r}; the file is corrupt or not ours")
+    value = obj[tag]
+    if tag == "__tensor__":
+        if not isinstance(value, str):
+            raise _bad_tag(name, tag, value)
+        if value not in tensors:
+            raise CheckpointError(f"checkpoint references tensor '{value[:200]}' that is not in its tensor file")
+        return tensors[value]
+    if not isinstance(value, str if tag in ("__bytes__", "__float__") else list):
+        raise _bad_tag(name, tag, value)
+    if tag == "__tuple__":
+        return tuple(_decode(v, tensors, name) for v in value)
+    if tag == "__dict__":
+        out = {}
+        for pair in value:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointError(f"{name}: a __dict__ entry is not a [key, value] pair; the file is corrupt or not ours")
+            key = _decode(pair[0], tensors, name)
+            try:
+                hash(key)
+            except TypeError:
+                raise CheckpointError(f"{name}: a __dict__ key is {describe(key)}, which cannot be a key") from None
+            out[key] = _decode(pair[1], tensors, name)
+        return out
+    if tag == "__bytes__":
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error, or non-ASCII text
+            raise CheckpointError(f"{name}: a __bytes__ value is not base64; the file is corrupt or not ours") from None
+    try:  # __float__
+        return float(value)
+    except ValueError:
+        raise CheckpointError(f"{name}: a __float__ value {value[:40]!r} is not a number; the file is corrupt or not ours") from None
+
+
+def _bad_tag(name: str, tag: str, value: Any) -> CheckpointError:
+    return CheckpointError(f"{name}: tag {tag} holds {describe(value)}; the file is corrupt or not ours")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

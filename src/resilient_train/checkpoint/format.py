@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 
 from resilient_train.checkpoint import codec, tensorfile
+from resilient_train.checkpoint.jsonio import describe
+from resilient_train.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS = "state.safetensors"
@@ -120,20 +122,59 @@ def encode_rank(snapshot: Snapshot, rank: int) -> dict[str, bytes]:
 
 
 def decode_model(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """Model weights with tied keys restored as the same tensor."""
-    model = codec.tensors_from_bytes(files[MODEL_FILE], MODEL_FILE)
-    meta = codec.loads_json(files[STATE_JSON], STATE_JSON) if STATE_JSON in files else {}
-    for key, target in meta.get("model_aliases", {}).items():
+    """Model weights with tied keys restored as the same tensor.
+
+    A checkpoint may be foreign or hostile: any defect is a one-line CheckpointError.
+    """
+    return _decode_model(files, _meta(files) if STATE_JSON in files else {})
+
+
+def _decode_model(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    model = codec.tensors_from_bytes(_need(files, MODEL_FILE), MODEL_FILE)
+    aliases = meta.get("model_aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise CheckpointError(f"{STATE_JSON}: model_aliases is not an object of key names; the file is corrupt or not ours")
+    for key, target in aliases.items():
+        if target not in model or key in model:
+            raise CheckpointError(
+                f"{STATE_JSON}: model alias '{key[:200]}' -> '{target[:200]}' does not match {MODEL_FILE}; "
+                "the checkpoint is corrupt or not ours"
+            )
+    for key, target in aliases.items():
         model[key] = model[target]
     return model
 
 
 def decode(files: dict[str, bytes], rank: int) -> Snapshot:
-    """Rebuild the snapshot `rank` needs from a checkpoint's file contents."""
-    meta = codec.loads_json(files[STATE_JSON], STATE_JSON)
-    tensors = codec.tensors_from_bytes(files[STATE_TENSORS], STATE_TENSORS)
+    """Rebuild the snapshot `rank` needs from a checkpoint's file contents.
+
+    Checks the shape a Snapshot must have (its `train` a dict, its RNG states a dict); what each
+    part must hold to fit a model and optimizer is checked by `state.restore`.
+    """
+    meta = _meta(files)
+    if "train" not in meta:
+        raise CheckpointError(f"{STATE_JSON} has no training state; the checkpoint is corrupt or not ours")
+    tensors = codec.tensors_from_bytes(_need(files, STATE_TENSORS), STATE_TENSORS)
+    train = codec.decode(meta["train"], tensors, STATE_JSON)
+    if not isinstance(train, dict) or not all(isinstance(k, str) for k in train):
+        raise CheckpointError(f"{STATE_JSON}: the training state is {describe(train)}, not an object; the checkpoint is corrupt or not ours")
     rng = None
     name = rng_file(rank)
     if name in files:
-        rng = codec.decode(codec.loads_json(files[name], name), {})
-    return Snapshot(model=decode_model(files), train=codec.decode(meta["train"], tensors), rng=rng)
+        rng = codec.decode(codec.loads_json(files[name], name), {}, name)
+        if rng is not None and not isinstance(rng, dict):
+            raise CheckpointError(f"{name} holds {describe(rng)}, not RNG states; the checkpoint is corrupt or not ours")
+    return Snapshot(model=_decode_model(files, meta), train=train, rng=rng)
+
+
+def _need(files: dict[str, Any], name: str) -> Any:
+    if name not in files:
+        raise CheckpointError(f"the checkpoint has no {name}; it is incomplete or not ours")
+    return files[name]
+
+
+def _meta(files: dict[str, Any]) -> dict[str, Any]:
+    meta = codec.loads_json(_need(files, STATE_JSON), STATE_JSON)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{STATE_JSON} is not a JSON object; the checkpoint is corrupt or not ours")
+    return meta

@@ -64,10 +64,25 @@ class Lease:
 
 
 def read_lease(storage: Storage) -> dict[str, Any]:
-    if not storage.exists(LEASE):
+    """The lease record, or {} when there is none or it is damaged (truncated, not JSON, wrong shape).
+
+    A damaged lease is said in one warning line and read as "no holder": the next session to take
+    the lease rewrites it whole, and a writer holding an incarnation no longer in the file is fenced.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    try:
+        raw = storage.read_bytes(LEASE)
+    except FileNotFoundError:
         return {}
     try:
-        record = json.loads(storage.read_text(LEASE))
-    except (ValueError, UnicodeDecodeError):
+        record = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        log.warning("%s is damaged (%s); treating the run as unleased", storage.display(LEASE), type(exc).__name__)
         return {}
-    return record if isinstance(record, dict) else {}
+    incarnation = record.get("incarnation") if isinstance(record, dict) else None
+    if not isinstance(incarnation, int) or isinstance(incarnation, bool) or incarnation < 0:
+        log.warning("%s is damaged (no incarnation number); treating the run as unleased", storage.display(LEASE))
+        return {}
+    return record

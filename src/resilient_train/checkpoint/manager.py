@@ -1,19 +1,32 @@
-"""Listing, writing, committing, loading and pruning the checkpoints of one run folder.
+"""Listing, writing, committing, loading, pruning and collecting the checkpoints of one run folder.
 
-The protocol (design guide, section 4): every rank writes its files under their final names in
-`checkpoints/step-NNNNNNNNN/`; after a barrier, global rank 0 writes `manifest.json` last, listing
-every file with size and checksum. Resume walks from the newest checkpoint to the oldest and takes
-the first that verifies. Retention runs only after a newer checkpoint is committed, orders by step
-and never removes the newest valid checkpoint nor any folder it did not name.
+The protocol (design guide, section 4), built on one rule: **a committed checkpoint is never
+written again, by anyone.**
+
+- Every save attempt writes its data files under names no other attempt uses: the logical name
+  with the attempt's token before the extension (`model.3f9a1c2b7d.safetensors`). A stale writer
+  whose writes land late therefore lands on its own names and harms nothing.
+- The commit is `manifest.json`, created only if it does not exist (`Storage.create_exclusive`),
+  mapping each logical file to its physical name, size and checksum. Whoever creates it first
+  owns the step; a second writer's commit fails with FileExistsError and its files are debris.
+- Readers go through the manifest; a checkpoint is committed when the manifest parses and every
+  file it lists has the listed size, valid when the checksums match too.
+- Retention and garbage collection run only after a commit, order by step, never delete the
+  newest valid checkpoint, and never touch a name they did not write.
+
+This module imports no torch: `ls`, `verify` and `sync` use it without paying for torch.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import logging
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manifest import (
     MANIFEST,
     FormatTooNewError,
@@ -28,11 +41,44 @@ from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
 
 if TYPE_CHECKING:
+    from resilient_train.checkpoint.format import Snapshot
     from resilient_train.checkpoint.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
 COMMITTED, INCOMPLETE, CORRUPT = "committed", "incomplete", "corrupt"
+# Names this library writes inside a step folder, and so may collect: token-suffixed data files
+# (`name.<10 hex>.ext`) and temporary files of the local atomic writes (`.name.<8 hex>.tmp`).
+_OURS = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*\.[0-9a-f]{10}\.[A-Za-z0-9]+|\..+\.[0-9a-f]{8}\.tmp)$")
+
+
+def new_token() -> str:
+    """A fresh save-attempt token: 10 hex digits, unique in practice across writers."""
+    return uuid.uuid4().hex[:10]
+
+
+def physical(name: str, token: str) -> str:
+    """The name a save attempt with `token` writes logical file `name` under."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{token}.{ext}" if dot else f"{name}.{token}.bin"
+
+
+def stored_name(name: str, record: dict[str, Any]) -> str:
+    """Where a manifest record's bytes live (format 1 checkpoints use the logical name)."""
+    path = record.get("path", name)
+    return path if isinstance(path, str) else name
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """A full disk or exhausted quota, anywhere in the exception's chain."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @dataclass
@@ -48,6 +94,12 @@ class CheckpointInfo:
     manifest: Optional[dict[str, Any]] = None
     reason: Optional[str] = None
     too_new: bool = False  # written by a newer format version
+    entries: dict[str, dict] = field(default_factory=dict, repr=False)  # the folder's listing
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every file name in the folder when it was listed."""
+        return frozenset(self.entries)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,13 +110,15 @@ class CheckpointInfo:
 
 @dataclass
 class LoadedCheckpoint:
-    """A verified checkpoint's manifest and the file contents one rank needs."""
+    """A verified checkpoint's manifest and the file contents one rank needs (by logical name)."""
 
     info: CheckpointInfo
     manifest: dict[str, Any]
     files: dict[str, bytes]
 
-    def snapshot(self, rank: int) -> fmt.Snapshot:
+    def snapshot(self, rank: int) -> "Snapshot":
+        from resilient_train.checkpoint import format as fmt
+
         return fmt.decode(self.files, rank)
 
 
@@ -77,82 +131,142 @@ class CheckpointManager:
         # steps whose checkpoint verified but could not be decoded (foreign or hostile files):
         # a save at such a step replaces it instead of keeping it as "already committed"
         self.distrusted: set[int] = set()
+        # committed manifests never change, so a parsed one is reused while its listing entry is
+        # the same (size and store checksum or time): one read per checkpoint, not one per save
+        self._manifests: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     # -- listing -------------------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
-        """Every `step-N` folder, oldest first, with status from the manifest and file sizes."""
-        infos = []
-        for entry in self.root.list_dir():
-            step = parse_step_dir(entry["basename"])
-            if step is None or entry.get("type") != "directory":
+        """Every `step-N` folder, oldest first, from one recursive listing of `checkpoints/`."""
+        folders: dict[int, dict[str, dict]] = {}
+        for rel, entry in self.root.walk().items():
+            top, _, rest = rel.partition("/")
+            step = parse_step_dir(top)
+            if step is None:
                 continue
-            infos.append(self._describe(step))
-        return sorted(infos, key=lambda info: info.step)
+            files = folders.setdefault(step, {})
+            if rest and "/" not in rest and entry.get("type") != "directory":
+                files[rest] = entry
+        return [self._describe(step, files) for step, files in sorted(folders.items())]
 
     def info(self, step: int) -> CheckpointInfo:
-        return self._describe(step)
-
-    def _describe(self, step: int) -> CheckpointInfo:
         name = step_dir(step)
-        listing = {e["basename"]: e for e in self.root.list_dir(name)}
-        info = CheckpointInfo(step=step, path=self.root.display(name), status=INCOMPLETE)
-        info.bytes = sum(int(e.get("size") or 0) for e in listing.values())
+        files = {e["basename"]: e for e in self.root.list_dir(name) if e.get("type") != "directory"}
+        return self._describe(step, files)
+
+    def _describe(self, step: int, listing: dict[str, dict]) -> CheckpointInfo:
+        name = step_dir(step)
+        info = CheckpointInfo(step=step, path=self.root.display(name), status=INCOMPLETE, entries=listing)
+        info.bytes = sum(_size(e) for e in listing.values())
         if MANIFEST not in listing:
             info.reason = "no manifest (save in flight or interrupted)"
             return info
         try:
-            manifest = decode_manifest(self.root.read_bytes(name, MANIFEST))
+            manifest = self._manifest(step, listing[MANIFEST])
         except CheckpointError as exc:
             info.status, info.reason = CORRUPT, str(exc)
             info.too_new = isinstance(exc, FormatTooNewError)
             return info
+        except Exception as exc:  # a hostile manifest must not break the listing of the others
+            info.status, info.reason = CORRUPT, f"manifest.json cannot be read ({type(exc).__name__}: {exc})"
+            return info
         info.manifest = manifest
-        info.created_at = manifest.get("created_at")
-        info.metrics = manifest.get("metrics", {})
+        info.created_at = manifest.get("created_at") if isinstance(manifest.get("created_at"), str) else None
+        metrics = manifest.get("metrics")
+        info.metrics = metrics if isinstance(metrics, dict) else {}
         if manifest["step"] != step:
             info.status, info.reason = CORRUPT, f"manifest says step {manifest['step']}"
             return info
+        info.bytes = _size(listing[MANIFEST])
         for fname, record in manifest["files"].items():
-            entry = listing.get(fname)
+            entry = listing.get(stored_name(fname, record))
             if entry is None:
                 info.status, info.reason = CORRUPT, f"{fname} is missing"
                 return info
-            if int(entry.get("size") or 0) != record.get("bytes"):
+            if _size(entry) != record.get("bytes"):
                 info.status = CORRUPT
-                info.reason = f"{fname}: {entry.get('size')} bytes, manifest says {record.get('bytes')}"
+                info.reason = f"{fname}: {_size(entry)} bytes, manifest says {record.get('bytes')}"
                 return info
+            info.bytes += _size(entry)
         info.status = COMMITTED
         return info
 
+    def _manifest(self, step: int, entry: dict) -> dict[str, Any]:
+        key = (step, _size(entry), entry.get("crc32c"), entry.get("generation"), entry.get("mtime"), entry.get("created"))
+        cached = self._manifests.get(key)
+        if cached is None:
+            cached = decode_manifest(self.root.read_bytes(step_dir(step), MANIFEST))
+            if len(self._manifests) > 10_000:
+                self._manifests.clear()
+            self._manifests[key] = cached
+        return cached
+
     # -- saving --------------------------------------------------------------------------------
-    def prepare(self, step: int) -> bool:
-        """Clear debris of an interrupted save at `step`; False if `step` is already committed."""
-        info = self._describe(step)
-        if info.status == COMMITTED:
-            if step not in self.distrusted and not self.verify(info):
-                return False
-            log.warning("rewriting checkpoint %s: it does not verify or decode", info.path)
-            self.distrusted.discard(step)
-        if self.root.exists(step_dir(step)):
-            self.root.remove(step_dir(step), recursive=True)
+    def prepare(self, step: int, before_delete: Optional[Callable[[], None]] = None) -> bool:
+        """Whether a save at `step` should go ahead: False if `step` is committed and valid.
+
+        A manifest at `step` that does not check out (files missing, bad checksums, or contents
+        that verify but cannot be decoded) is no checkpoint: it is removed so the save can commit
+        in its place. Nothing else is touched; an interrupted attempt's files stay until garbage
+        collection, since this attempt writes under names of its own.
+        """
+        info = self.info(step)
+        if info.manifest is None and info.status == INCOMPLETE:
+            return True
+        if info.status == COMMITTED and step not in self.distrusted and not self.verify(info):
+            return False
+        if info.too_new:
+            raise CheckpointError(f"{info.path} was written by a newer resilient_train ({info.reason})")
+        if before_delete is not None:
+            before_delete()
+        log.warning("replacing checkpoint %s: it does not verify or decode (%s)", info.path, info.reason or "checksums differ")
+        self.root.remove(step_dir(step), MANIFEST)
+        self.distrusted.discard(step)
         return True
 
-    def write_files(self, step: int, files: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Write one rank's files of a checkpoint (bytes or chunk lists); returns their records."""
+    def write_files(self, step: int, files: dict[str, Any], token: Optional[str] = None) -> dict[str, dict[str, Any]]:
+        """Write one rank's files of a checkpoint under this attempt's own names; their records.
+
+        `files` maps logical names to bytes or chunk lists; each record carries its `path`.
+        """
+        token = token or new_token()
         name = step_dir(step)
         self.root.makedirs(name)
         records = {}
         for fname, data in files.items():
-            chunks = [data] if isinstance(data, bytes) else list(data)
-            self.root.write_bytes(chunks, name, fname)
-            records[fname] = file_record(chunks)
+            chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+            target = physical(fname, token)
+            self.root.write_bytes(chunks, name, target)
+            records[fname] = {**file_record(chunks), "path": target}
         return records
 
     def commit(self, step: int, records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> CheckpointInfo:
-        """Write the manifest: from here on the checkpoint exists."""
+        """Create the manifest if no one has: from here on the checkpoint exists.
+
+        Raises FileExistsError when another writer committed `step` first. The returned info
+        comes from a fresh listing of the folder: sizes (and, on GCS, the store's own crc32c)
+        are checked against the records without reading the data back.
+        """
         manifest = {**meta, "step": step, "files": records}
-        self.root.write_bytes(encode_manifest(manifest), step_dir(step), MANIFEST)
-        return self._describe(step)
+        self.root.create_exclusive(encode_manifest(manifest), step_dir(step), MANIFEST)
+        info = self.info(step)
+        if info.status == COMMITTED:
+            problem = self.store_mismatch(info)
+            if problem:
+                info.status, info.reason = CORRUPT, problem
+        return info
+
+    def store_mismatch(self, info: CheckpointInfo) -> Optional[str]:
+        """A file whose store-kept crc32c (GCS lists one per object) differs from the manifest.
+
+        Free: it uses the listing, reads nothing. None where the store keeps no checksum.
+        """
+        for fname, record in (info.manifest or {}).get("files", {}).items():
+            entry = info.entries.get(stored_name(fname, record), {})
+            stored = _b64_crc(entry.get("crc32c"))
+            if stored is not None and "crc32c" in record and stored != record["crc32c"]:
+                return f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
+        return None
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None) -> LoadedCheckpoint:
@@ -164,7 +278,10 @@ class CheckpointManager:
         for fname, record in info.manifest["files"].items():
             if wanted is not None and fname not in wanted:
                 continue
-            data = self.root.read_buffer(name, fname)
+            try:
+                data = self.root.read_buffer(name, stored_name(fname, record))
+            except FileNotFoundError:
+                raise CheckpointError(f"{info.path} is incomplete: {fname} disappeared") from None
             problem = check_file(fname, data, record)
             if problem:
                 raise CheckpointError(f"{info.path} is corrupt: {problem}")
@@ -182,14 +299,15 @@ class CheckpointManager:
         name = step_dir(info.step)
         problems = []
         for fname, record in info.manifest["files"].items():
+            where = stored_name(fname, record)
             try:
-                data = self.root.read_buffer(name, fname)
+                data = self.root.read_buffer(name, where)
             except FileNotFoundError:
                 problems.append(f"{name}/{fname}: missing")
                 continue
             problem = check_file(fname, data, record)
             if problem is None and "crc32c" in record:
-                stored = self.root.checksum_from_store(name, fname)
+                stored = self.root.checksum_from_store(name, where)
                 if stored is not None and stored != record["crc32c"]:
                     problem = f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
             if problem:
@@ -201,27 +319,87 @@ class CheckpointManager:
         found = load_newest_valid([self], wanted)
         return found[1] if found else None
 
-    # -- retention -----------------------------------------------------------------------------
-    def prune(self, policy: "RetentionPolicy", newest_step: int) -> list[int]:
+    # -- retention and garbage collection -----------------------------------------------------
+    def prune(self, policy: "RetentionPolicy", newest_step: int, infos: Optional[list[CheckpointInfo]] = None,
+              verified: bool = False) -> list[int]:
         """Apply `policy` right after `newest_step` was committed; returns the steps removed.
 
-        Nothing is deleted unless `newest_step` is committed and its files verify (re-read and
-        checksummed); only lower steps are candidates, so the newest valid checkpoint survives.
+        Nothing is deleted unless `newest_step` is committed and verifies: `verified` says the
+        caller checked it already (a save that just wrote those bytes and listed them back, with
+        the store's crc32c on GCS); otherwise the store's checksums are compared where the
+        listing has them, and elsewhere the files are read back. Only lower steps are
+        candidates, so the newest valid checkpoint survives. `infos` is a listing the caller
+        already has (a save lists once).
         """
-        infos = [i for i in self.list() if i.step <= newest_step]
+        infos = [i for i in (self.list() if infos is None else infos) if i.step <= newest_step]
         if not infos or infos[-1].step != newest_step or infos[-1].status != COMMITTED:
             return []
         doomed = policy.doomed(infos)
-        if not doomed:
-            return []
-        try:
-            self.load(infos[-1])  # verify the newer checkpoint before deleting older ones
-        except CheckpointError as exc:
-            log.warning("not pruning: the newest checkpoint does not verify (%s)", exc)
+        if doomed and not verified and not self._verifies(infos[-1]):
+            log.warning("not pruning: the newest checkpoint %s does not verify", infos[-1].path)
             return []
         for info in doomed:
             self.delete(info.step)
         return [info.step for info in doomed]
+
+    def _verifies(self, info: CheckpointInfo) -> bool:
+        records = (info.manifest or {}).get("files", {}).items()
+        if records and all(_b64_crc(info.entries.get(stored_name(f, r), {}).get("crc32c")) for f, r in records):
+            return self.store_mismatch(info) is None  # the store's own checksums: nothing to read
+        try:
+            self.load(info)
+        except CheckpointError:
+            return False
+        return True
+
+    def make_room(self, policy: "RetentionPolicy", infos: Optional[list[CheckpointInfo]] = None) -> list[int]:
+        """A save failed for lack of space: delete what the policy would prune once it commits.
+
+        The policy is applied as if one more checkpoint were committed; the newest committed
+        checkpoint is kept whatever the policy says (the save may fail again).
+        """
+        infos = self.list() if infos is None else infos
+        committed = [i for i in infos if i.status == COMMITTED]
+        if not committed:
+            return []
+        newest = committed[-1].step
+        ghost = CheckpointInfo(step=newest + 1, path="", status=COMMITTED)
+        doomed = [i for i in policy.doomed([*committed, ghost]) if i.step != newest]
+        for info in doomed:
+            self.delete(info.step)
+        return [info.step for info in doomed]
+
+    def debris(self, infos: Optional[list[CheckpointInfo]] = None, below: Optional[int] = None) -> list[tuple[int, Optional[str]]]:
+        """What garbage collection would remove: (step, file name), or (step, None) for a folder.
+
+        Debris is: folders without a manifest and folders whose manifest does not check out,
+        when their step is below `below` (default: the newest committed step); inside committed
+        folders, names this library writes that the manifest does not list (a losing writer's
+        files). A committed checkpoint is never debris.
+        """
+        infos = self.list() if infos is None else infos
+        committed = {i.step for i in infos if i.status == COMMITTED}
+        bound = below if below is not None else (max(committed) if committed else None)
+        found: list[tuple[int, Optional[str]]] = []
+        for info in infos:
+            if info.status == COMMITTED and info.manifest is not None:
+                listed = {stored_name(f, r) for f, r in info.manifest["files"].items()} | {MANIFEST}
+                found += [(info.step, extra) for extra in sorted(info.names - listed) if _OURS.match(extra)]
+            elif bound is not None and info.step < bound and info.step not in committed:
+                found.append((info.step, None))
+        return found
+
+    def collect_garbage(self, infos: Optional[list[CheckpointInfo]] = None, below: Optional[int] = None) -> list[str]:
+        """Remove the `debris` of dead or losing writers; returns what was removed, for the log."""
+        removed = []
+        for step, name in self.debris(infos, below):
+            if name is None:
+                self.delete(step)
+                removed.append(step_dir(step))
+            else:
+                self.root.remove(step_dir(step), name)
+                removed.append(f"{step_dir(step)}/{name}")
+        return removed
 
     def delete(self, step: int) -> None:
         """Remove one checkpoint, manifest first: a half-deleted folder reads as incomplete, never valid."""
@@ -229,16 +407,35 @@ class CheckpointManager:
         self.root.remove(step_dir(step), recursive=True)
 
 
+def _size(entry: dict) -> int:
+    try:
+        return int(entry.get("size") or 0)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _b64_crc(value: Any) -> Optional[str]:
+    """GCS lists crc32c as base64 of the big-endian value; the manifest keeps 8 hex digits."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except ValueError:
+        return None
+
+
 def load_newest_valid(
     managers: list[CheckpointManager],
     wanted: Optional[set[str]] = None,
     decode: Optional[Callable[[LoadedCheckpoint], Any]] = None,
+    on_skip: Optional[Callable[[CheckpointInfo, str], None]] = None,
 ) -> Optional[tuple[int, LoadedCheckpoint, Any]]:
     """Across several storages (run folder, mirror), the newest checkpoint that verifies and decodes.
 
     Returns (index of the manager it came from, the loaded checkpoint, `decode(loaded)`); ties go
-    to the first manager. A checkpoint whose files verify but do not decode (a foreign or hostile
-    file under our name) is skipped like a corrupt one. Every skip is reported in one line.
+    to the first manager. Whatever is wrong with a checkpoint (a missing file, a bad checksum,
+    contents that verify but do not decode, hostile JSON) skips that checkpoint alone, reported in
+    one line; resume then falls back to the next older one.
     """
     candidates = sorted(
         ((info, index) for index, manager in enumerate(managers) for info in manager.list()),
@@ -253,11 +450,37 @@ def load_newest_valid(
         try:
             loaded = managers[index].load(info, wanted)
         except CheckpointError as exc:
-            log.warning("skipping checkpoint %s: %s", info.path, exc)
+            _skip(info, str(exc), on_skip)
+            continue
+        except OSError:
+            raise  # the storage failed (after retries), not the checkpoint: do not fall back past it
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint skips that checkpoint alone
+            _skip(info, f"it cannot be read ({type(exc).__name__}: {_first_line(exc)})", on_skip)
             continue
         try:
-            return index, loaded, decode(loaded) if decode is not None else None
-        except CheckpointError as exc:
+            value = decode(loaded) if decode is not None else None
+        except FormatTooNewError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - verifies but does not decode: foreign or hostile
             managers[index].distrusted.add(info.step)
-            log.warning("skipping checkpoint %s: %s", info.path, exc)
+            reason = str(exc) if isinstance(exc, CheckpointError) else f"it cannot be decoded ({type(exc).__name__}: {_first_line(exc)})"
+            _skip(info, reason, on_skip)
+            continue
+        return index, loaded, value
     return None
+
+
+def _skip(info: CheckpointInfo, reason: str, on_skip: Optional[Callable[[CheckpointInfo, str], None]]) -> None:
+    log.warning("skipping checkpoint %s: %s", info.path, reason)
+    if on_skip is not None:
+        on_skip(info, reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+__all__ = [
+    "COMMITTED", "CORRUPT", "INCOMPLETE", "CheckpointInfo", "CheckpointManager", "LoadedCheckpoint",
+    "is_no_space", "load_newest_valid", "new_token", "physical", "stored_name",
+]

@@ -14,13 +14,18 @@ from typing import Any, Iterable, Optional, Union
 Buffer = Union[bytes, bytearray, memoryview]
 _BOUNCE = 1 << 20
 
-from resilient_train.checkpoint.codec import dumps_json, loads_json
+from resilient_train.checkpoint.jsonio import describe, dumps_json, loads_json
 from resilient_train.errors import CheckpointError
 
 FORMAT_NAME = "resilient_train.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 * 2**20  # a record is ~120 bytes: room for a hundred thousand ranks
+_MAX_MANIFEST_DEPTH = 16  # what we write nests 4 deep
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
+# a file name inside a step folder: a plain basename, no separators, no `..`, no leading dot
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_HEX = {"crc32c": re.compile(r"[0-9a-f]{8}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 
 try:
     import google_crc32c
@@ -94,14 +99,94 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
 
 
 def decode_manifest(data: bytes) -> dict[str, Any]:
-    manifest = loads_json(data, MANIFEST)
+    """The manifest in `data`, its whole shape checked: any defect is a one-line CheckpointError.
+
+    A manifest may be foreign or hostile (a shared folder, a bucket others write), and every
+    command reads it, so nothing a reader uses afterwards is left unchecked: the file records
+    (sizes, checksums, plain file names that cannot leave the step folder) and the types of the
+    fields `ls`, `inspect` and resume show or compare.
+    """
+    manifest = loads_json(data, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, max_depth=_MAX_MANIFEST_DEPTH)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError("manifest.json is not a resilient_train manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not _is_count(version):
+        raise CheckpointError("manifest.json: format_version is not a whole number")
+    if version > FORMAT_VERSION:
         raise FormatTooNewError(
-            f"checkpoint format {manifest['format_version']} is newer than this resilient_train "
+            f"checkpoint format {version} is newer than this resilient_train "
             f"understands ({FORMAT_VERSION}); upgrade resilient_train"
         )
-    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("step"), int):
+    if not isinstance(manifest.get("files"), dict) or "step" not in manifest:
         raise CheckpointError("manifest.json lacks its file list or step")
+    for key, check in _FIELDS.items():
+        if key in manifest and not check(manifest[key]):
+            raise CheckpointError(f"manifest.json: '{key}' is not {_WHAT[key]}; the manifest is corrupt or not ours")
+    _check_files(manifest["files"])
     return manifest
+
+
+def physical_name(logical: str, record: dict[str, Any]) -> str:
+    """Where a file's bytes live in its step folder: the record's `path`, else the logical name
+    (checkpoints written before write-once names have no `path`). Checked by `decode_manifest`."""
+    return record.get("path", logical)
+
+
+def _check_files(files: dict[str, Any]) -> None:
+    if not files:
+        raise CheckpointError("manifest.json lists no files; the manifest is corrupt or not ours")
+    physical: set[str] = set()
+    for logical, record in files.items():
+        shown = logical[:80]
+        if not FILE_NAME.fullmatch(logical) or logical == MANIFEST:
+            raise CheckpointError(f"manifest.json: file name {shown!r} is not a plain file name; the manifest is corrupt or not ours")
+        if not isinstance(record, dict):
+            raise CheckpointError(f"manifest.json: the record of {shown} is {describe(record)}, not an object")
+        if not _is_count(record.get("bytes")):
+            raise CheckpointError(f"manifest.json: the record of {shown} has no valid byte count")
+        sums = [kind for kind in _HEX if kind in record]
+        if not sums or any(not (isinstance(record[k], str) and _HEX[k].fullmatch(record[k])) for k in sums):
+            raise CheckpointError(f"manifest.json: the record of {shown} has no valid crc32c or sha256")
+        path = record.get("path", logical)
+        if not isinstance(path, str) or not FILE_NAME.fullmatch(path) or path == MANIFEST:
+            raise CheckpointError(f"manifest.json: the path of {shown} is not a plain file name in its step folder")
+        if path in physical:
+            raise CheckpointError(f"manifest.json: two files share the path {path}")
+        physical.add(path)
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative int (JSON `true` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_positive_or_none(value: Any) -> bool:
+    return value is None or (_is_count(value) and value > 0)
+
+
+def _is_metrics(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
+
+
+def _is_environment(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    gpus = value.get("gpus")
+    return gpus is None or (isinstance(gpus, list) and all(isinstance(g, dict) and isinstance(g.get("name", "?"), str) for g in gpus))
+
+
+# the fields readers use beside `files`, and what each must be when present
+_FIELDS = {
+    "step": _is_count, "epoch": _is_count, "cursor": _is_count, "samples_seen": _is_count,
+    "world_size": lambda v: _is_count(v) and v > 0,
+    "micro_batch": _is_positive_or_none, "global_batch": _is_positive_or_none,
+    "precision": lambda v: isinstance(v, str), "config_hash": lambda v: isinstance(v, str),
+    "created_at": lambda v: v is None or isinstance(v, str),
+    "metrics": _is_metrics, "environment": _is_environment,
+}
+_WHAT = {
+    "step": "a whole number", "epoch": "a whole number", "cursor": "a whole number", "samples_seen": "a whole number",
+    "world_size": "a positive whole number", "micro_batch": "a positive whole number", "global_batch": "a positive whole number",
+    "precision": "a string", "config_hash": "a string", "created_at": "a string",
+    "metrics": "a map of numbers", "environment": "an environment map",
+}

@@ -1,7 +1,9 @@
 """`checkpoint.mirror`: every committed checkpoint is copied to a second storage in the background.
 
 Typical use: `run_dir` on fast local disk, the mirror on Drive or GCS. The copy is verified at the
-mirror and committed there with the manifest last; retention applies there too. While one copy is
+mirror under names of its own and committed there by creating the manifest only if absent, so
+a committed checkpoint at the mirror is never written again; retention applies there too. Run files
+are copied only when they changed. While one copy is
 running, newer checkpoints replace the pending one (the mirror wants the newest, not every one).
 A failing mirror warns and never stops training: the primary copy is intact.
 """
@@ -12,10 +14,9 @@ import logging
 import threading
 from typing import Optional
 
-from resilient_train.checkpoint.manager import COMMITTED, CheckpointManager
-from resilient_train.checkpoint.manifest import step_dir
+from resilient_train.checkpoint.manager import CheckpointManager
 from resilient_train.checkpoint.retention import RetentionPolicy
-from resilient_train.checkpoint.transfer import copy_checkpoint, copy_run_files
+from resilient_train.checkpoint.transfer import Conflict, RunFileCopier, SourceVanished, copy_checkpoint
 from resilient_train.storage import Storage
 
 log = logging.getLogger("resilient_train")
@@ -30,6 +31,7 @@ class Mirror:
         self.source = CheckpointManager(primary)
         self.target = CheckpointManager(mirror)
         self.policy = policy
+        self.run_files = RunFileCopier(primary, mirror)  # copies only what changed since last time
         self._lock = threading.Lock()
         self._pending: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
@@ -52,25 +54,22 @@ class Mirror:
                     self._thread = None  # under the lock: a later submit starts a new thread
                     return
             try:
-                copy_run_files(self.primary, self.mirror)
+                self.run_files.copy()
                 info = self.source.info(step)
                 copy_checkpoint(self.source, self.target, info)
                 self.target.prune(self.policy, step)
+                self.target.collect_garbage()  # what a copy cut short by a crash left behind
                 self.copied.append(step)
+            except SourceVanished:  # the primary pruned it meanwhile: a newer one is coming
+                log.debug("mirror: step %d was pruned at the primary before it was copied", step)
+            except Conflict as exc:
+                message = f"mirror copy of step {step} to {self.mirror.url} skipped: {exc}"
+                self.errors.append(message)
+                log.warning("%s", message)
             except Exception as exc:  # the primary is fine; say so and carry on
-                self._clear_partial(step)
                 message = f"mirror copy of step {step} to {self.mirror.url} failed: {type(exc).__name__}: {exc}"
                 self.errors.append(message)
                 log.warning("%s; training goes on, the next checkpoint will be mirrored", message)
-
-    def _clear_partial(self, step: int) -> None:
-        """A copy that failed half-way (the primary pruned the step meanwhile, a network error)
-        leaves an incomplete folder at the mirror; nothing else would ever remove it."""
-        try:
-            if self.target.info(step).status != COMMITTED:
-                self.target.root.remove(step_dir(step), recursive=True)
-        except Exception as exc:
-            log.warning("could not clear the partial mirror copy of step %d: %s", step, exc)
 
     def close(self) -> None:
         """Wait for the copy in flight (the final checkpoint must reach the mirror)."""

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from resilient_train.checkpoint.jsonio import loads_json
 from resilient_train.errors import CheckpointError
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -35,6 +36,8 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
         _DTYPES[getattr(torch, _name)] = _code
 _CODES = {code: dtype for dtype, code in _DTYPES.items()}
 MAX_HEADER = 100 * 2**20
+_HEADER_DEPTH = 8  # {"key": {"shape": [...]}} nests 3 deep
+_MAX_DIMS = 64  # torch allows no more
 
 
 class TensorChunks:
@@ -76,7 +79,19 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str
 
 
 def deserialize(data: Buffer, name: str = "tensor file") -> dict[str, torch.Tensor]:
-    """Tensors viewing `data` (a bytearray keeps them writable without a copy)."""
+    """Tensors viewing `data` (a bytearray keeps them writable without a copy).
+
+    Whatever `data` holds, the only exception is a one-line CheckpointError naming `name`.
+    """
+    try:
+        return _deserialize(data, name)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a case the checks missed (MemoryError included): still the file's defect
+        raise CheckpointError(f"{name} cannot be read as a safetensors file ({type(exc).__name__}); the file is corrupt or not ours") from exc
+
+
+def _deserialize(data: Buffer, name: str) -> dict[str, torch.Tensor]:
     total = len(data)
     if total < 8:
         raise CheckpointError(f"{name} is too short to be a safetensors file")
@@ -84,29 +99,26 @@ def deserialize(data: Buffer, name: str = "tensor file") -> dict[str, torch.Tens
     if header_len > min(MAX_HEADER, total - 8):
         raise CheckpointError(f"{name} has an impossible header length; the file is corrupt or not ours")
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = loads_json(bytes(data[8 : 8 + header_len]), name, max_bytes=MAX_HEADER, max_depth=_HEADER_DEPTH)
+    except CheckpointError:
         raise CheckpointError(f"{name} has an unreadable header; the file is corrupt or not ours") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{name}: header __metadata__ is not a map of strings")
     base, body = 8 + header_len, total - 8 - header_len
     entries = []
     for key, spec in header.items():
-        try:
-            dtype = _CODES[spec["dtype"]]
-            shape = [int(d) for d in spec["shape"]]
-            start, end = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{name}: bad header entry for '{key}'") from None
-        if any(d < 0 for d in shape) or end - start != math.prod(shape) * _itemsize(dtype):
-            raise CheckpointError(f"{name}: header entry '{key}' does not match its shape")
+        dtype, shape, start, end = _entry(name, key, spec)
+        if end - start != math.prod(shape) * _itemsize(dtype):
+            raise CheckpointError(f"{name}: header entry '{key[:200]}' does not match its shape")
         entries.append((start, end, key, dtype, shape))
-    entries.sort()
+    entries.sort(key=lambda e: (e[0], e[1]))
     position = 0
     for start, end, key, _, _ in entries:
         if start != position:
-            raise CheckpointError(f"{name}: tensor '{key}' overlaps or leaves a gap in the data")
+            raise CheckpointError(f"{name}: tensor '{key[:200]}' overlaps or leaves a gap in the data")
         position = end
     if position != body:
         raise CheckpointError(f"{name}: data section is {body} bytes, header describes {position}")
@@ -119,6 +131,21 @@ def deserialize(data: Buffer, name: str = "tensor file") -> dict[str, torch.Tens
         else:
             tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start).reshape(shape)
     return tensors
+
+
+def _entry(name: str, key: str, spec: Any) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, each of the type the format requires."""
+    ok = isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and spec["dtype"] in _CODES
+    shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if ok else (None, None)
+    ok = ok and isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_count(d) for d in shape)
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)
+    if not ok:
+        raise CheckpointError(f"{name}: bad header entry for '{key[:200]}'")
+    return _CODES[spec["dtype"]], shape, offsets[0], offsets[1]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from typing import NoReturn, Optional, Sequence
@@ -66,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command="verify")
 
     p = sub.add_parser("sync", parents=[common], help="copy a run between storages, verifying what arrives",
-                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and every committed checkpoint, each file verified at DST and the manifest written last. Checkpoints already at DST are skipped.")
+                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and every committed checkpoint, each file verified at DST and committed there with the manifest last. A checkpoint DST already holds is never overwritten; a DST that has moved past SRC, or holds a different run, is refused.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST's config, sessions and logs even when DST has moved past SRC (committed checkpoints are never overwritten)")
     p.set_defaults(command="sync")
 
     p = sub.add_parser("inspect", parents=[common], help="show a run's or checkpoint's metadata",
@@ -105,8 +108,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="resilient_train: %(message)s", stream=sys.stderr)
-    for noisy in ("lightning_fabric", "lightning", "fsspec", "gcsfs", "urllib3", "matplotlib"):
+    for noisy in ("lightning_fabric", "lightning", "fsspec", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # gcsfs logs every exhausted retry as an ERROR with a traceback; our own retry lines and the
+    # final `error:` line say the same in one line each
+    for chatty in ("gcsfs", "aiohttp"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
         args = _parse(build_parser(), argv)
         from resilient_train.cli import commands  # after parsing: usage errors stay fast
@@ -124,9 +131,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `inspect --json | head`: the reader stopped reading, nothing is wrong
+        _silence_stdout()
+        return 0
+    except (ConnectionError, TimeoutError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: storage unreachable ({type(exc).__name__}: {_first_line(exc)}); check the network or the "
+              "storage URL and run the command again (no checkpoint was changed)", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # a bug in the task or here: one line unless --debug
         if debug:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        if _is_connection_error(exc):
+            print(f"error: storage unreachable ({type(exc).__name__}: {_first_line(exc)}); check the network or the "
+                  "storage URL and run the command again (no checkpoint was changed)", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"error: {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """aiohttp's connection errors (gcsfs) are OSErrors but not ConnectionErrors; match by type."""
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -8,18 +8,17 @@ import posixpath
 import sys
 from typing import Any
 
-from resilient_train.checkpoint import CheckpointManager
-from resilient_train.checkpoint import format as fmt
-from resilient_train.checkpoint.manager import COMMITTED
+from resilient_train.checkpoint.manager import COMMITTED, CheckpointManager
 from resilient_train.checkpoint.manifest import MANIFEST, parse_step_dir
-from resilient_train.api import resume_run, run_task
-from resilient_train.errors import CheckpointError, NotFoundError, ResilientTrainError
+from resilient_train.errors import NotFoundError, ResilientTrainError
+from resilient_train.storage import Storage
+
+# torch is imported only by the commands that need it (run, resume, export, inspect's config,
+# env, plot): `ls`, `verify` and `sync` answer without paying for it.
 
 
 class VerificationFailed(ResilientTrainError):
     """`verify` found files that do not match their manifest (exit 1)."""
-from resilient_train.run_folder import RunFolder
-from resilient_train.storage import Storage
 
 
 def _report(result: Any) -> None:
@@ -30,11 +29,15 @@ def _report(result: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from resilient_train.api import run_task
+
     _report(run_task(args.task, run_dir=args.run_dir, config=args.config, overrides=args.overrides))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from resilient_train.api import resume_run
+
     _report(resume_run(args.run, overrides=args.overrides))
     return 0
 
@@ -79,12 +82,20 @@ def _resolve_checkpoint(target: str) -> tuple[CheckpointManager, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save as st_save
 
+    from resilient_train.checkpoint import format as fmt
+
+    from resilient_train.checkpoint.manager import load_newest_valid
+
     manager, info = _resolve_checkpoint(args.target)
     wanted = {fmt.MODEL_FILE, fmt.STATE_JSON}
-    loaded = manager.load(info, wanted) if info is not None else manager.load_latest(wanted)
-    if loaded is None:
-        raise NotFoundError(f"no valid checkpoint in '{args.target}'")
-    model = fmt.decode_model(loaded.files)
+    if info is not None:  # one checkpoint named: its defects are the answer
+        loaded = manager.load(info, wanted)
+        model = fmt.decode_model(loaded.files)
+    else:  # a run: the newest checkpoint whose weights decode
+        found = load_newest_valid([manager], wanted, decode=lambda c: fmt.decode_model(c.files))
+        if found is None:
+            raise NotFoundError(f"no valid checkpoint in '{args.target}'")
+        _, loaded, model = found
     seen: dict[int, str] = {}
     tensors = {}
     for key, tensor in model.items():  # tied weights become independent copies, as safetensors requires
@@ -128,43 +139,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from resilient_train.checkpoint.transfer import copy_checkpoint, copy_run_files, same_checkpoint
+    from resilient_train.checkpoint.transfer import sync_run
 
     src, dst = _require_run(args.src), Storage(args.dst)
-    source, target = CheckpointManager(src), CheckpointManager(dst)
-    present = {i.step: i for i in target.list()}
-    todo, skipped, ignored = [], 0, 0
-    for info in source.list():
-        if info.status != COMMITTED:
-            ignored += 1
-            print(f"step {info.step}: {info.status}, not copied ({info.reason})", file=sys.stderr)
-        elif info.step in present and same_checkpoint(info, present[info.step]):
-            skipped += 1
-        else:
-            todo.append(info)
-    files = copy_run_files(src, dst)
-    total = sum(r["bytes"] for i in todo for r in (i.manifest or {}).get("files", {}).values())
-    copied, done, broken = 0, 0, []
-    with tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=not todo) as bar:
-        for info in todo:  # oldest first: an interrupted sync leaves a usable prefix
-            try:
-                copied += copy_checkpoint(source, target, info, on_bytes=bar.update)
-                done += 1
-            except CheckpointError as exc:  # a corrupt source checkpoint: say so, copy the rest
-                broken.append(info.step)
-                print(f"step {info.step}: not copied: {exc}", file=sys.stderr)
+    bars: list[Any] = []
+
+    def on_total(total: int) -> Any:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=total == 0, file=sys.stderr)
+        bars.append(bar)
+        return bar.update
+
+    try:
+        report = sync_run(src, dst, force=args.force, on_total=on_total)
+    finally:
+        for bar in bars:
+            bar.close()
+    for step, why in report.not_committed:
+        print(f"step {step}: {why}", file=sys.stderr)
+    for step in report.vanished:
+        print(f"step {step}: pruned at the source during the copy, skipped", file=sys.stderr)
+    for step, why in report.conflicts:
+        print(f"step {step}: not copied: {why}", file=sys.stderr)
+    for step, why in report.corrupt:
+        print(f"step {step}: not copied: {why}", file=sys.stderr)
+    if report.older:
+        print(f"steps {report.older}: older than the destination's newest checkpoint, not copied (its retention decides)", file=sys.stderr)
     print(
-        f"synced {args.src} -> {args.dst}: {done} checkpoint(s) copied ({_size(copied)}) and verified, "
-        f"{skipped} already there, {ignored} not committed" + (f", {len(broken)} corrupt at the source" if broken else "")
-        + f"; {files} run file(s)",
+        f"synced {args.src} -> {args.dst}: {len(report.copied)} checkpoint(s) copied ({_size(report.bytes)}) and verified, "
+        f"{report.present} already there, {len(report.not_committed)} not committed"
+        + (f", {len(report.corrupt)} corrupt at the source" if report.corrupt else "")
+        + (f", {len(report.vanished)} pruned during the copy" if report.vanished else "")
+        + (f", {len(report.conflicts)} conflicting" if report.conflicts else "")
+        + f"; {report.run_files} run file(s)",
         file=sys.stderr,
     )
-    if broken:
-        raise VerificationFailed(f"checkpoint(s) at step(s) {broken} are corrupt at the source and were not copied; the others were")
+    if report.corrupt:
+        steps = [step for step, _ in report.corrupt]
+        raise VerificationFailed(f"checkpoint(s) at step(s) {steps} are corrupt at the source and were not copied; the others were")
+    if report.conflicts:
+        steps = [step for step, _ in report.conflicts]
+        raise VerificationFailed(f"the destination holds different checkpoint(s) at step(s) {steps}; they were left as they are")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from resilient_train.run_folder import RunFolder
+
     manager, info = _resolve_checkpoint(args.target)
     run = manager.run
     folder = RunFolder(run)
@@ -223,7 +243,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine(env: dict[str, Any]) -> str:
-    gpus = env.get("gpus") or []
-    device = ", ".join(g.get("name", "?") for g in gpus) if gpus else "CPU"
-    return f"{device} ({env.get('host', '?')})"
+def _machine(env: Any) -> str:
+    """"NVIDIA L4 (host)" from an environment record; tolerant of damaged or foreign records."""
+    env = env if isinstance(env, dict) else {}
+    gpus = env.get("gpus") if isinstance(env.get("gpus"), list) else []
+    names = [str(g.get("name", "?")) if isinstance(g, dict) else "?" for g in gpus]
+    return f"{', '.join(names) if names else 'CPU'} ({env.get('host', '?')})"

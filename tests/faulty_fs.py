@@ -179,6 +179,12 @@ class FaultPlan:
     quota: Optional[int] = None
     quota_root: str = ""
     calls: list[tuple[str, str]] = field(default_factory=list)  # (operation, path) of every call
+    # crash matrix: the process dies at the `crash_at`-th call (1-based) that `crash_where` matches,
+    # before the call touches the store; every later call from any thread dies too
+    crash_at: Optional[int] = None
+    crash_where: Callable[[str, str, str], bool] = lambda op, path, thread: True
+    crashed: Optional[tuple[str, str, str]] = None  # (op, path, thread) of the call that died
+    threads: list[str] = field(default_factory=list)  # the thread of each entry of `calls`
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -205,8 +211,16 @@ class FaultPlan:
             return next((f for f in self.faults if f.applies(path, op)), None)
 
     def note_call(self, op: str, path: str) -> None:
+        thread = threading.current_thread().name
         with self._lock:
             self.calls.append((op, path))
+            self.threads.append(thread)
+            if self.crash_at is not None and self.crashed is None and self.crash_where(op, path, thread):
+                self._matched = getattr(self, "_matched", 0) + 1
+                if self._matched == self.crash_at:
+                    self.crashed, self.dead = (op, path, thread), True
+        if self.crashed is not None:
+            raise SimulatedCrash(f"the process died at {self.crashed[0]} of {self.crashed[1]}: {op} of {path} never happens")
 
     def count(self, op: str, predicate: PathPredicate = lambda path: True) -> int:
         """How many `op` calls ("ls", "find", "read", "write", "remove", "exists") matched."""

@@ -47,6 +47,14 @@ class Mirror:
                 self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._copy_pending()
+        finally:  # even a thread dying of something unforeseen must not leave close() waiting
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _copy_pending(self) -> None:
         while True:
             with self._lock:
                 step, self._pending = self._pending, None
@@ -76,6 +84,6 @@ class Mirror:
         while True:
             with self._lock:
                 thread = self._thread
-            if thread is None:
+            if thread is None or not thread.is_alive():
                 return
             thread.join()

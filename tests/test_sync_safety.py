@@ -132,3 +132,32 @@ def test_a_step_pruned_at_the_source_during_sync_is_skipped_without_debris(runs,
     report = sync_run(Storage(str(src)), Storage(str(dst)))
     assert report.copied == [6, 12] and report.vanished == [9]
     assert sorted(p.name for p in (dst / "checkpoints").iterdir()) == ["step-000000006", "step-000000012"]
+
+
+def test_the_mirror_copies_run_files_only_when_they_changed(runs, tmp_path: Path) -> None:
+    """Each mirrored checkpoint re-sends only what changed (logs grow; the task snapshot does not)."""
+    import uuid
+
+    from faulty_fs import FaultPlan, forget, install
+    from resilient_train.checkpoint.mirror import Mirror
+    from resilient_train.checkpoint.retention import RetentionPolicy
+    from resilient_train.storage import Storage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["a"], run_dir)
+    url = f"faulty://rt-mirror-{uuid.uuid4().hex}/run"
+    mirror = Mirror(Storage(str(run_dir)), Storage(url), RetentionPolicy(keep_last=3))
+    try:
+        with install(FaultPlan()) as plan:
+            mirror.submit(6)
+            mirror.close()
+            with open(run_dir / "logs" / "metrics.csv", "a") as f:
+                f.write("2,13,0,0,0.5,0.01,1,\n")
+            mirror.submit(9)
+            mirror.close()
+        names = [w.path.split("/run/", 1)[1] for w in plan.writes if "/checkpoints/" not in w.path]
+        assert names.count("task/tiny.py") == 1 and names.count("run.yaml") == 1, names
+        assert names.count("logs/metrics.csv") == 2, names
+        assert mirror.copied == [6, 9] and not mirror.errors
+    finally:
+        forget(url)

@@ -18,7 +18,9 @@ from resilient_train.checkpoint.jsonio import describe, dumps_json, loads_json
 from resilient_train.errors import CheckpointError
 
 FORMAT_NAME = "resilient_train.checkpoint"
-FORMAT_VERSION = 1
+# 2: data files carry their save attempt's token (`path` in each file record); write-once commit.
+# Version 1 checkpoints (files under their logical names, no `path`) are still read.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20  # a record is ~120 bytes: room for a hundred thousand ranks
 _MAX_MANIFEST_DEPTH = 16  # what we write nests 4 deep

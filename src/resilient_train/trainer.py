@@ -18,6 +18,7 @@ import torch
 from lightning_fabric import Fabric
 
 from resilient_train import state as state_lib
+from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.lease import Lease
@@ -221,7 +222,8 @@ class Trainer:
         last_loss: Optional[float] = None
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
-        with _closing(bar, metrics):
+        agreement = StepAgreement(fabric.world_size, rank)
+        with _closing(bar, metrics, agreement):
             while progress.step < tcfg.max_steps:
                 loss_sum = torch.zeros((), device=fabric.device)
                 for micro in range(micro_batches):
@@ -267,9 +269,10 @@ class Trainer:
 
                 if deadline is not None and deadline.expired(saver.slowest_save):
                     stop.request("session budget")
-                stopping = _agree(fabric, stop.reason is not None)
+                # no host sync per step: under DDP these are the flags all ranks raised a step ago
+                stopping, time_due = agreement.exchange(stop.reason is not None, saver.policy.time_due())
                 final = stopping or step == tcfg.max_steps
-                if final or saver.due(step, lambda flag: _agree(fabric, flag)):
+                if final or saver.due(step, time_due):
                     saver.save(step, capture, {"loss": last_loss, "val_loss": val_loss}, final=final)
                     if metrics is not None:
                         metrics.flush()
@@ -372,10 +375,15 @@ def _collect_debris(manager: CheckpointManager) -> None:
 
 
 @contextlib.contextmanager
-def _closing(bar: Any, metrics: Optional[MetricsLogger]) -> Iterator[None]:
+def _closing(bar: Any, metrics: Optional[MetricsLogger], agreement: StepAgreement) -> Iterator[None]:
     """Close the progress bar and flush metrics however the loop ends (done, stopped, crashed)."""
     try:
-        yield
+        try:
+            yield
+        except TrainingStopped:
+            agreement.close()  # every rank stops at the same step with one exchange in flight
+            raise
+        agreement.close()
     finally:
         bar.close()
         if metrics is not None:

@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from typing import Callable, Optional
+from typing import Optional
 
 log = logging.getLogger("resilient_train")
 
@@ -41,13 +41,15 @@ class SavePolicy:
         self.retry = False
         self.last_save = time.monotonic()
 
-    def due(self, step: int, agree: Callable[[bool], bool]) -> bool:
-        """`agree` turns a local flag into one every rank shares (wall clocks differ per rank)."""
+    def due(self, step: int, time_due: bool = False) -> bool:
+        """Save after `step`? `time_due` is `time_due()` as every rank agreed on it (rank 0's clock)."""
         if self.retry or (self.every_n_steps and step % self.every_n_steps == 0):
             return True
-        if self.every_minutes:
-            return agree(time.monotonic() - self.last_save >= self.every_minutes * 60)
-        return False
+        return bool(self.every_minutes) and time_due
+
+    def time_due(self) -> bool:
+        """This process's clock says `every_minutes` have passed since the last save."""
+        return bool(self.every_minutes) and time.monotonic() - self.last_save >= self.every_minutes * 60
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

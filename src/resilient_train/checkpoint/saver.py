@@ -78,9 +78,9 @@ class CheckpointSaver:
         self._last_step_end = time.monotonic()
 
     # -- policy --------------------------------------------------------------------------------
-    def due(self, step: int, agree: Callable[[bool], bool]) -> bool:
-        """Whether to save after `step` (every_n_steps, every_minutes, or retry after a failure)."""
-        return self.policy.due(step, agree)
+    def due(self, step: int, time_due: bool = False) -> bool:
+        """Whether to save after `step` (every_n_steps, every_minutes as agreed, or a retry)."""
+        return self.policy.due(step, time_due)
 
     @property
     def busy(self) -> bool:

@@ -80,9 +80,8 @@ def _resolve_checkpoint(target: str) -> tuple[CheckpointManager, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save as st_save
-
     from resilient_train.checkpoint import format as fmt
+    from resilient_train.checkpoint import tensorfile
 
     from resilient_train.checkpoint.manager import load_newest_valid
 
@@ -102,7 +101,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         tensors[key] = tensor.clone() if id(tensor) in seen else tensor
         seen[id(tensor)] = key
     out_dir, out_name = posixpath.split(args.out)
-    Storage(out_dir or ".").write_bytes(st_save(tensors, metadata={"step": str(loaded.info.step)}), out_name)
+    # our own safetensors writer: the safetensors package imports numpy to save, and a plain
+    # install (a minimal image, a CI container) may have no numpy
+    chunks = tensorfile.serialize(tensors, metadata={"step": str(loaded.info.step)})
+    Storage(out_dir or ".").write_bytes(list(chunks.chunks), out_name)
     print(f"exported {len(tensors)} tensors from step {loaded.info.step} to {args.out}", file=sys.stderr)
     return 0
 

@@ -59,11 +59,11 @@ def test_sync_into_another_run_without_run_ids_keeps_its_committed_checkpoints(r
     dst = tmp_path / "b"
     shutil.copytree(runs["b"], dst)
     (dst / "run.json").unlink(missing_ok=True)
-    checkpoints_before = _tree(dst / "checkpoints")
+    before = _tree(dst)
     proc = run_cli("sync", str(runs["a"]), str(dst))
     line = _one_error(proc, 1)
     assert "left as they are" in line, line
-    assert _tree(dst / "checkpoints") == checkpoints_before
+    assert _tree(dst) == before  # checkpoints, run.yaml, sessions and logs: another history, kept
     assert run_cli("verify", str(dst)).returncode == 0
 
 
@@ -161,3 +161,18 @@ def test_the_mirror_copies_run_files_only_when_they_changed(runs, tmp_path: Path
         assert mirror.copied == [6, 9] and not mirror.errors
     finally:
         forget(url)
+
+
+def test_a_mirror_that_holds_another_run_is_never_written(runs, tmp_path: Path) -> None:
+    from resilient_train.checkpoint.mirror import Mirror
+    from resilient_train.checkpoint.retention import RetentionPolicy
+    from resilient_train.storage import Storage
+
+    other = tmp_path / "b"
+    shutil.copytree(runs["b"], other)
+    before = _tree(other)
+    mirror = Mirror(Storage(str(runs["a"])), Storage(str(other)), RetentionPolicy(keep_last=3))
+    mirror.submit(12)
+    mirror.close()
+    assert _tree(other) == before
+    assert mirror.errors and "different runs" in mirror.errors[0]

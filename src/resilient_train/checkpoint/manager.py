@@ -355,16 +355,18 @@ class CheckpointManager:
     def make_room(self, policy: "RetentionPolicy", infos: Optional[list[CheckpointInfo]] = None) -> list[int]:
         """A save failed for lack of space: delete what the policy would prune once it commits.
 
-        The policy is applied as if one more checkpoint were committed; the newest committed
-        checkpoint is kept whatever the policy says (the save may fail again).
+        The policy is applied as if one more checkpoint were committed; the newest valid
+        checkpoint (every byte verified) and everything newer are kept whatever the policy says
+        (the save may fail again).
         """
         infos = self.list() if infos is None else infos
         committed = [i for i in infos if i.status == COMMITTED]
-        if not committed:
+        # the newest checkpoint whose every byte verifies is kept whatever the policy says
+        keep = next((i.step for i in reversed(committed) if not self.verify(i)), None)
+        if keep is None:
             return []
-        newest = committed[-1].step
-        ghost = CheckpointInfo(step=newest + 1, path="", status=COMMITTED)
-        doomed = [i for i in policy.doomed([*committed, ghost]) if i.step != newest]
+        ghost = CheckpointInfo(step=committed[-1].step + 1, path="", status=COMMITTED)
+        doomed = [i for i in policy.doomed([*committed, ghost]) if i.step < keep]
         for info in doomed:
             self.delete(info.step)
         return [info.step for info in doomed]

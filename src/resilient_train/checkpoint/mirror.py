@@ -16,7 +16,8 @@ from typing import Optional
 
 from resilient_train.checkpoint.manager import CheckpointManager
 from resilient_train.checkpoint.retention import RetentionPolicy
-from resilient_train.checkpoint.transfer import Conflict, RunFileCopier, SourceVanished, copy_checkpoint
+from resilient_train.checkpoint.transfer import Conflict, RunFileCopier, SourceVanished, check_same_run, copy_checkpoint
+from resilient_train.errors import UsageError
 from resilient_train.storage import Storage
 
 log = logging.getLogger("resilient_train")
@@ -36,6 +37,8 @@ class Mirror:
         self._pending: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self.copied: list[int] = []
+        self._checked_run = False  # the mirror must hold this run (or nothing) before a first copy
+        self._disabled = False
         self.errors: list[str] = []
 
     def submit(self, step: int) -> None:
@@ -55,9 +58,19 @@ class Mirror:
                     self._thread = None
 
     def _copy_pending(self) -> None:
+        if not self._checked_run:
+            try:
+                check_same_run(self.primary, self.mirror)
+            except UsageError as exc:  # another run lives there: never touch it
+                self.errors.append(str(exc))
+                log.warning("checkpoint.mirror disabled: %s", exc)
+                self._disabled = True
+            self._checked_run = True
         while True:
             with self._lock:
                 step, self._pending = self._pending, None
+                if self._disabled:
+                    step = None
                 if step is None:
                     self._thread = None  # under the lock: a later submit starts a new thread
                     return

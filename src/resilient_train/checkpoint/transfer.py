@@ -277,6 +277,8 @@ def sync_run(src: Storage, dst: Storage, force: bool = False,
             report.conflicts.append((info.step, str(exc)))
         except CheckpointError as exc:
             report.corrupt.append((info.step, str(exc)))
+    if report.conflicts and not force:  # DST holds checkpoints of another history: keep its run files
+        return report
     report.run_files = copy_run_files(src, dst)
     return report
 

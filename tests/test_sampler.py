@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
-from resilient_train.data import BatchStream, ResumableBatchSampler, build_loader, epoch_order
+from resilient_train.data import BatchStream, ResumableBatchSampler, build_eval_loader, build_loader, epoch_order
 from resilient_train.errors import UsageError
 
 
@@ -199,8 +199,7 @@ def test_build_loader_keeps_a_dataloaders_batch_size_and_collate_fn():
     user_loader = DataLoader(IndexDataset(30), batch_size=5, collate_fn=_pairs, shuffle=True)
     loader, sampler = build_loader(user_loader, batch_size=99, seed=0, rank=0, world_size=1)
     assert sampler.batch_size == 5
-    assert loader.collate_fn is _pairs
-    batch = next(iter(loader))
+    batch = next(iter(loader))  # collated by _pairs
     assert set(batch) == {"index", "double"}
     assert batch["index"].tolist() == epoch_order(30, 0, 0).tolist()[:5]
     assert torch.equal(batch["double"], batch["index"] * 2)
@@ -244,3 +243,150 @@ def test_dataloader_over_an_iterable_dataset_is_a_usage_error():
 def test_build_loader_with_too_small_a_dataset_is_a_usage_error():
     with pytest.raises(UsageError):
         build_loader(IndexDataset(3), batch_size=4, seed=0, rank=0, world_size=1)
+
+
+# -- the given DataLoader's order, drop_last and sampler --------------------------------------
+
+
+def _stream_of(loader: DataLoader, seed: int = 0, rank: int = 0, world_size: int = 1) -> BatchStream:
+    return BatchStream(*build_loader(loader, batch_size=99, seed=seed, rank=rank, world_size=world_size))
+
+
+def test_shuffle_false_visits_samples_in_index_order_every_epoch():
+    stream = _stream_of(DataLoader(IndexDataset(10), batch_size=4, shuffle=False))
+    batches = [stream.next().tolist() for _ in range(6)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 2
+    assert stream.sampler.layout() == {"order": "sequential", "drop_last": False}
+
+
+def test_shuffle_false_resumes_mid_epoch_at_the_cursor():
+    stream = _stream_of(DataLoader(IndexDataset(10), batch_size=4, shuffle=False))
+    stream.seek(0, 4)
+    assert stream.next().tolist() == [4, 5, 6, 7]
+    assert (stream.epoch, stream.cursor) == (0, 8)
+
+
+def test_shuffle_true_keeps_the_seeded_random_order():
+    stream = _stream_of(DataLoader(IndexDataset(12), batch_size=4, shuffle=True), seed=5)
+    assert stream.next().tolist() == epoch_order(12, 5, 0).tolist()[:4]
+    assert stream.sampler.layout() == {"order": "feistel-v1", "drop_last": False}
+
+
+def test_new_runs_use_the_constant_memory_order_and_old_checkpoints_keep_randperm():
+    sampler = ResumableBatchSampler(64, 8, seed=3)
+    assert sampler.layout()["order"] == "feistel-v1"
+    feistel = [i for _, batch in sampler.positions() for i in batch]
+    assert sorted(feistel) == list(range(64))
+    sampler.use_order(None)  # a checkpoint written before the order was recorded
+    assert sampler.layout()["order"] == "randperm-v1"
+    old = [i for _, batch in sampler.positions() for i in batch]
+    generator = torch.Generator()
+    generator.manual_seed(3 * 1_000_003)
+    assert old == torch.randperm(64, generator=generator).tolist()  # exactly the order runs had before
+    sampler.use_order("feistel-v1")
+    assert [i for _, batch in sampler.positions() for i in batch] == feistel
+
+
+def test_a_resume_at_any_cursor_of_a_huge_epoch_is_cheap():
+    sampler = ResumableBatchSampler(2 * 10**9, 512, seed=1)
+    sampler.set_position(epoch=3, cursor=1_234_567_936)
+    _, batch = next(iter(sampler.positions()))
+    assert len(batch) == 512 and len(set(batch)) == 512 and all(0 <= i < 2 * 10**9 for i in batch)
+
+
+def test_drop_last_drops_the_epochs_tail_on_one_process():
+    stream = _stream_of(DataLoader(IndexDataset(10), batch_size=4, shuffle=False, drop_last=True))
+    batches = [stream.next().tolist() for _ in range(4)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    assert stream.sampler.layout()["drop_last"] is True
+
+
+@pytest.mark.parametrize("drop_last, expected", [(False, [4, 4]), (True, [3, 3])])
+def test_drop_last_drops_the_tail_on_every_rank_of_two(drop_last, expected):
+    n, b, w = 23, 3, 2  # global batch 6: 3 full global batches and a tail of 5
+    per_rank = [list(ResumableBatchSampler(n, b, 0, rank=r, world_size=w, drop_last=drop_last)) for r in range(w)]
+    assert [len(batches) for batches in per_rank] == expected
+    assert all(len(batch) == b for batches in per_rank for batch in batches[:3])
+    lengths = [len(ResumableBatchSampler(n, b, 0, rank=r, world_size=w, drop_last=drop_last)) for r in range(w)]
+    assert lengths == expected
+    if drop_last:
+        assert len(set(_flatten([_flatten(batches) for batches in per_rank]))) == 18
+
+
+def test_drop_last_cursor_at_the_tail_rolls_into_the_next_epoch():
+    sampler = ResumableBatchSampler(10, 4, 0, drop_last=True, shuffle=False)
+    assert sampler.consumed(8) == 0
+    sampler.set_position(0, 8)
+    assert list(sampler) == [] and len(sampler) == 0
+
+
+def test_an_explicit_batch_sampler_over_a_torch_sampler_is_honoured():
+    given = BatchSampler(SequentialSampler(range(10)), batch_size=3, drop_last=True)
+    stream = _stream_of(DataLoader(IndexDataset(10), batch_sampler=given))
+    assert [stream.next().tolist() for _ in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]]
+
+
+def test_a_dataloader_without_batching_yields_one_item_per_micro_batch():
+    stream = _stream_of(DataLoader(IndexDataset(5), batch_size=None, shuffle=False))
+    assert [int(stream.next()) for _ in range(6)] == [0, 1, 2, 3, 4, 0]
+
+
+class EvenFirst(torch.utils.data.Sampler):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter([*range(0, self.n, 2), *range(1, self.n, 2)])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("make", [
+    lambda ds: DataLoader(ds, batch_size=2, sampler=EvenFirst(len(ds))),
+    lambda ds: DataLoader(ds, batch_sampler=BatchSampler(EvenFirst(len(ds)), 2, False)),
+    lambda ds: DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]),
+    lambda ds: DataLoader(ds, batch_size=2, sampler=WeightedRandomSampler([1.0] * len(ds), len(ds))),
+    lambda ds: DataLoader(ds, batch_size=2, sampler=RandomSampler(ds, replacement=True)),
+])
+def test_a_custom_sampler_is_refused_in_one_line_saying_what_to_do(make):
+    with pytest.raises(UsageError) as caught:
+        build_loader(make(IndexDataset(8)), batch_size=2, seed=0, rank=0, world_size=1)
+    message = str(caught.value)
+    assert "\n" not in message and "sampler" in message and "pass the Dataset" in message
+
+
+# -- per-batch seeds -----------------------------------------------------------------------------
+
+
+def test_batch_seeds_depend_on_seed_epoch_position_and_rank_only():
+    def seeds(seed=0, epoch=0, cursor=0, rank=0, world_size=2):
+        sampler = ResumableBatchSampler(24, 2, seed, rank=rank, world_size=world_size)
+        sampler.set_position(epoch, cursor)
+        return [key.seed for key in sampler.keys()]
+
+    full = seeds()
+    assert len(set(full)) == len(full)
+    assert seeds(cursor=8) == full[2:]  # a resume mid-epoch sees the same seeds
+    assert seeds(rank=1) != full and seeds(epoch=1) != full and seeds(seed=1) != full
+
+
+# -- the validation loader -----------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # no accelerator here: pinning is a no-op
+def test_eval_loader_keeps_the_given_loaders_workers_pinning_and_collate_fn():
+    given = DataLoader(IndexDataset(10), batch_size=4, collate_fn=_pairs, num_workers=2, pin_memory=True,
+                       persistent_workers=True, prefetch_factor=3)
+    loader = build_eval_loader(given, batch_size=99, rank=0, world_size=1)
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (2, True, True, 3)
+    batches = [batch["index"].tolist() for batch in loader]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_eval_loader_shards_by_rank_and_does_not_move_the_global_rng():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loader = build_eval_loader(IndexDataset(10), batch_size=2, rank=1, world_size=2)
+    assert [batch.tolist() for batch in loader] == [[1, 3], [5, 7], [9]]
+    assert torch.equal(torch.get_rng_state(), before)

@@ -39,9 +39,11 @@ def test_world_size_change_trains_each_sample_of_the_interrupted_epoch_exactly_o
     stopped = _interrupt_after_first_checkpoint(run_dir, args)
     assert stopped < 6, "stop landed after the first epoch; the test needs it mid-epoch"
 
-    resumed = run_cli("resume", str(run_dir), "task.sleep=0", *second)
+    resumed = run_cli("resume", str(run_dir), *second)  # task.* keys cannot change on resume
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume is sample-exact (world size" in resumed.stderr, resumed.stderr[-2000:]
+    rng = "rank 1 starts a fresh RNG stream" if first == ONE else "rank 1's RNG stream is dropped"
+    assert rng in resumed.stderr, resumed.stderr[-2000:]
     assert "samples per optimizer step" not in resumed.stderr  # global_batch_size kept it at 16
 
     samples = [int(i) for line in order_log.read_text().splitlines() for i in line.split()]
@@ -56,9 +58,10 @@ def test_world_size_change_trains_each_sample_of_the_interrupted_epoch_exactly_o
 def test_world_size_change_without_global_batch_size_is_reported_approximate(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=2", check=True)
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=3", "trainer.batch_size=4")
+    proc = run_cli("resume", str(run_dir), "trainer.max_steps=3", "trainer.batch_size=4", "--allow-change", "trainer.batch_size")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resume is approximate (per-device batch 8 -> 4; samples per optimizer step 8 -> 4)" in proc.stderr
+    assert ("resume is approximate (per-device batch 8 -> 4; samples per optimizer step 8 -> 4; "
+            "config changed with --allow-change: trainer.batch_size)") in proc.stderr
 
 
 def test_same_hardware_resume_is_reported_bit_exact(tmp_path: Path) -> None:

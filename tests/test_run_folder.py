@@ -148,7 +148,7 @@ def test_a_task_that_does_not_fit_the_checkpoint_leaves_snapshot_and_config_as_t
     snapshot = (run_dir / "task" / "tiny.py").read_bytes()
     run_yaml = (run_dir / "run.yaml").read_bytes()
     steps_before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_cli("run", str(misfit), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6")
+    proc = run_cli("run", str(misfit), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6", "--allow-change", "task.hidden")
     assert proc.returncode == 1  # never a silent fresh start over the run's checkpoints
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "does not fit this model" in lines[0], proc.stderr

@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any, Optional, Sequence
 
-from resilient_train.config import RunConfig, load_yaml_layer, parse_overrides, resolve
+from resilient_train.config import ConfigChange, RunConfig, check_config_changes, load_yaml_layer, parse_overrides, resolve
+from resilient_train.errors import UsageError
 from resilient_train.run_folder import RunFolder
 from resilient_train.seeding import seed_everything
 from resilient_train.task import Task, load_task
 
+log = logging.getLogger("resilient_train")
 
-def train_task(task: Task, cfg: RunConfig) -> Any:
+
+def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange] = ()) -> Any:
     """Launch, prepare the run folder, seed every RNG from cfg.seed, build, fit.
 
     A new run folder is written whole before `build` (task snapshot, run id, run.yaml last); an
     existing one holding another task is refused (UsageError, exit 2) before anything is built or
     written, and its snapshot and run.yaml are replaced only after its checkpoint was restored.
+    `config_changes` (from `check_config_changes`) label the resume and go into the session record.
     """
     from resilient_train.trainer import Trainer
 
     trainer = Trainer(cfg)
+    trainer.config_changes = list(config_changes)
     trainer.prepare_run(task)
     seed_everything(cfg.seed)
     parts = task.build(cfg.to_dictconfig())
     return trainer.fit(**parts)
 
 
-def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
+def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = None, overrides: Sequence[str] = (),
+             allow_change: Sequence[str] = ()) -> Any:
     """`python -m resilient_train run TASK [--run-dir URL] [--config FILE] [KEY=VALUE ...]` as a call.
 
     Continues the run if `run_dir` already holds it (the same task file, possibly edited), starts
     it when `run_dir` holds none or only the debris of a run that crashed before it was complete
-    (no run.yaml). Returns the `FitResult`; raises
-    `TrainingStopped` (exit code 75) when stopped by a signal or the session budget.
+    (no run.yaml). Continuing with a config that changes what the run computes (seed, task keys,
+    batch layout) is refused (UsageError, exit 2) unless each such key is in `allow_change`.
+    Returns the `FitResult`; raises `TrainingStopped` (exit code 75) when stopped by a signal or
+    the session budget.
     """
     loaded = load_task(task)
     layers: list[Any] = [loaded.defaults]
@@ -42,16 +51,38 @@ def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = N
     layers.append(parse_overrides(overrides))
     if run_dir:
         layers.append({"run_dir": run_dir})
-    return train_task(loaded, resolve(*layers))
+    cfg = resolve(*layers)
+    return train_task(loaded, cfg, _changes_to_existing_run(loaded, cfg, allow_change))
 
 
-def resume_run(run_dir: str, overrides: Sequence[str] = ()) -> Any:
+def resume_run(run_dir: str, overrides: Sequence[str] = (), allow_change: Sequence[str] = ()) -> Any:
     """`python -m resilient_train resume RUN [KEY=VALUE ...]` as a call: needs only the run folder.
 
     A folder without run.yaml holds no run (nothing, or a run that crashed before it was
-    complete): NotFoundError (exit 3) naming `run TASK --run-dir RUN`.
+    complete): NotFoundError (exit 3) naming `run TASK --run-dir RUN`. Overrides that change what
+    the run computes are refused (UsageError, exit 2) unless named in `allow_change`.
     """
     folder = RunFolder.at(run_dir)
-    cfg = resolve(folder.read_config_layer(), parse_overrides(overrides), {"run_dir": run_dir})
+    stored_layer = folder.read_config_layer()
+    cfg = resolve(stored_layer, parse_overrides(overrides), {"run_dir": run_dir})
+    changes = check_config_changes(resolve(stored_layer, {"run_dir": run_dir}), cfg, allow_change)
     with tempfile.TemporaryDirectory(prefix="resilient_train_task_") as tmp:
-        return train_task(load_task(folder.task_entry(local_dir=tmp)), cfg)
+        return train_task(load_task(folder.task_entry(local_dir=tmp)), cfg, changes)
+
+
+def _changes_to_existing_run(task: Task, cfg: RunConfig, allow_change: Sequence[str]) -> list[ConfigChange]:
+    """`run` into a folder that holds a run: what the new config changes (refused when guarded).
+
+    Another task is refused first, with its own message. A stored run.yaml that cannot be read
+    never blocks the run (bookkeeping never does): it is said in one line and not compared.
+    """
+    folder = RunFolder.at(cfg.run_dir)
+    if not folder.has_run():
+        return []
+    folder.check_task(task)
+    try:
+        stored = resolve(folder.read_config_layer(), {"run_dir": cfg.run_dir})
+    except UsageError as exc:
+        log.warning("cannot compare the config with the run's stored run.yaml (%s); config changes are not checked", exc)
+        return []
+    return check_config_changes(stored, cfg, allow_change)

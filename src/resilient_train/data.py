@@ -49,7 +49,9 @@ def saved_order(layout_order: Any, shuffle: bool) -> str:
     """The order algorithm a checkpoint's `order` field names (checkpoints before it: randperm)."""
     if not shuffle:
         return SEQUENTIAL
-    return layout_order if layout_order in (FEISTEL, RANDPERM) else RANDPERM
+    if layout_order in (FEISTEL, RANDPERM):
+        return layout_order
+    return RANDPERM if layout_order is None else FEISTEL  # None: written before orders were recorded
 
 
 class EpochOrder:

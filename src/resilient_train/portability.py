@@ -6,12 +6,18 @@ Three levels, reported in one line on every resume:
   sample-exact  the data order and the samples per optimizer step are the same (the sampler's
                 cursor is global), but arithmetic differs: another world size, device or precision;
   approximate   the samples per optimizer step changed (another world size without
-                `trainer.global_batch_size`), so the optimisation itself differs.
+                `trainer.global_batch_size`), or the config changed in keys that alter what the
+                run computes (seed, task keys, batch layout: let through with --allow-change),
+                so the optimisation itself differs.
+
+A world-size change also changes the RNG streams: each rank saves its own (torch CPU and CUDA,
+Python, NumPy: dropout and any random op in the step), so a rank that no longer exists has its
+stream dropped and a new rank starts a fresh one. The report says which.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 ENV_KEYS = ("python", "torch", "lightning_fabric", "resilient_train", "cuda", "cudnn", "host")
 
@@ -37,10 +43,44 @@ def exactness(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, list[str
         reasons.append(f"device {saved_device} -> {now_device}")
     if saved.get("micro_batch") not in (None, now["micro_batch"]):
         reasons.append(f"per-device batch {saved.get('micro_batch')} -> {now['micro_batch']}")
+    approximate = False
     if saved.get("global_batch") not in (None, now["global_batch"]):
         reasons.append(f"samples per optimizer step {saved.get('global_batch')} -> {now['global_batch']}")
+        approximate = True
+    saved_order, now_order = saved.get("order"), now.get("order")
+    if saved_order is not None and now_order is not None and saved_order != now_order:
+        reasons.append(f"data order {saved_order} -> {now_order}")  # shuffle changed in the task
+        approximate = True
+    if "drop_last" in saved and "drop_last" in now and saved["drop_last"] != now["drop_last"]:
+        reasons.append(f"drop_last {saved['drop_last']} -> {now['drop_last']}")
+        approximate = True
+    changed = list(now.get("config_changes") or [])
+    if changed:
+        reasons.append(f"config changed with --allow-change: {', '.join(changed)}")
+        approximate = True
+    if approximate:
         return "approximate", reasons
     return ("bit-exact" if not reasons else "sample-exact"), reasons
+
+
+def rng_streams(saved_world: Any, now_world: int) -> Optional[str]:
+    """What a world-size change does to the per-rank RNG streams, or None when nothing does."""
+    if not isinstance(saved_world, int) or isinstance(saved_world, bool) or saved_world < 1 or saved_world == now_world:
+        return None
+    if now_world < saved_world:
+        ranks = list(range(now_world, saved_world))
+        whose = f"rank {ranks[0]}'s RNG stream is" if len(ranks) == 1 else f"the RNG streams of ranks {_span(ranks)} are"
+        kept = "rank 0 continues its own" if now_world == 1 else f"ranks {_span(list(range(now_world)))} continue their own"
+        where = "that rank" if len(ranks) == 1 else "those ranks"
+        return f"RNG: {whose} dropped (dropout and other random ops on {where}); {kept}"
+    ranks = list(range(saved_world, now_world))
+    who = f"rank {ranks[0]} starts a fresh RNG stream" if len(ranks) == 1 else f"ranks {_span(ranks)} start fresh RNG streams"
+    kept = "rank 0 continues its own" if saved_world == 1 else f"ranks {_span(list(range(saved_world)))} continue their own"
+    return f"RNG: {who} (none was saved for {'it' if len(ranks) == 1 else 'them'}); {kept}"
+
+
+def _span(ranks: list[int]) -> str:
+    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 else ", ".join(str(r) for r in ranks)
 
 
 def environment_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -58,6 +98,9 @@ def resume_report(manifest: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The lines printed when a run resumes: exactness, then a small table of what changed."""
     level, reasons = exactness(manifest, now)
     lines = [f"resume is {level}" + (f" ({'; '.join(reasons)})" if reasons else " (same world size, device, precision and batch)")]
+    streams = rng_streams(manifest.get("world_size"), now["world_size"])
+    if streams:
+        lines.append(streams)
     changes = environment_changes(manifest.get("environment", {}), now["environment"])
     if changes:
         width = max(len(key) for key, _, _ in changes)

@@ -3,10 +3,16 @@
 A task is a `.py` file or an importable `package.module` with a `build(cfg)` function and,
 optionally, `CONFIG` (default config) and `ASSETS` (files next to it that it reads, copied into the
 run's snapshot so `resume` works from the run folder alone).
+
+While a task file loads and while its `build` runs, its folder is first on `sys.path`, so a
+sibling module listed in `ASSETS` imports by name (`from model import GPT`, as nanoGPT's
+`train.py` does) whatever the working folder: the original folder at `run`, the snapshot at
+`resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -14,7 +20,7 @@ import posixpath
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 from resilient_train.errors import UsageError
 
@@ -31,10 +37,12 @@ class Task:
     source: str | None  # path of the .py file
     defaults: dict = field(default_factory=dict)
     assets: list[str] = field(default_factory=list)
+    folder: Optional[str] = None  # a task file's folder, on sys.path while it loads and builds
 
     def build(self, cfg: Any) -> dict[str, Any]:
         """Call the task's `build(cfg)` and check it returned what `Trainer.fit` takes."""
-        parts = self.module.build(cfg)
+        with folder_on_sys_path(self.folder):
+            parts = self.module.build(cfg)
         if not isinstance(parts, dict):
             raise UsageError(f"task {self.name}: build(cfg) must return a dict, got {type(parts).__name__}")
         missing = [k for k in BUILD_KEYS_REQUIRED if k not in parts]
@@ -47,6 +55,26 @@ class Task:
         return parts
 
 
+@contextlib.contextmanager
+def folder_on_sys_path(folder: Optional[str]) -> Iterator[None]:
+    """Put `folder` first on `sys.path` for the block, then take it off again.
+
+    It stays only where it already was before: a folder that was on the path (anywhere) keeps
+    that entry, a folder that was not leaves no trace.
+    """
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(folder)  # the first occurrence: the one inserted above
+        except ValueError:  # the task removed it itself
+            pass
+
+
 def _module_from_file(path: str) -> ModuleType:
     stem = os.path.splitext(os.path.basename(path))[0]
     name = f"resilient_train_task_{stem}"
@@ -56,7 +84,8 @@ def _module_from_file(path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and DataLoader workers look modules up by name
     try:
-        spec.loader.exec_module(module)
+        with folder_on_sys_path(os.path.dirname(path)):
+            spec.loader.exec_module(module)
     except SyntaxError as exc:
         del sys.modules[name]
         raise UsageError(f"task file '{path}' line {exc.lineno}: syntax error: {exc.msg}") from None
@@ -69,8 +98,10 @@ def load_task(spec: str) -> Task:
         if not os.path.isfile(spec):
             raise UsageError(f"task file '{spec}' does not exist")
         path = os.path.abspath(spec)
+        folder: Optional[str] = os.path.dirname(path)
         module = _module_from_file(path)
     else:
+        folder = None  # an importable module's siblings are importable through its package
         try:
             module = importlib.import_module(spec)
         except ModuleNotFoundError as exc:
@@ -89,4 +120,4 @@ def load_task(spec: str) -> Task:
         norm = posixpath.normpath(asset)
         if os.path.isabs(asset) or norm.startswith(".."):
             raise UsageError(f"task '{spec}': ASSETS entry '{asset}' must be a path inside the task's folder")
-    return Task(name=spec, module=module, source=path, defaults=defaults, assets=assets)
+    return Task(name=spec, module=module, source=path, defaults=defaults, assets=assets, folder=folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -27,8 +28,8 @@ from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.collective import Collective
 from resilient_train.checkpoint.saver import CheckpointSaver
-from resilient_train.config import RunConfig, kwargs_layer, resolve
-from resilient_train.data import BatchStream, build_eval_loader, build_loader
+from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
+from resilient_train.data import SEQUENTIAL, BatchStream, build_eval_loader, build_loader, saved_order
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
@@ -64,16 +65,17 @@ class FitResult:
 def default_training_step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """Without a `training_step`, the model's forward output is the loss.
 
-    dict batches become keyword arguments and tuples positional ones; the output may be a scalar
-    tensor, an object with `.loss` (Hugging Face) or a dict with a "loss" entry.
+    Mapping batches (dicts, and UserDicts such as Hugging Face's BatchEncoding) become keyword
+    arguments and tuples positional ones; the output may be a scalar tensor, an object with
+    `.loss` (Hugging Face) or a mapping with a "loss" entry.
     """
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         out = model(**batch)
     elif isinstance(batch, (tuple, list)):
         out = model(*batch)
     else:
         out = model(batch)
-    if isinstance(out, dict) and "loss" in out:
+    if isinstance(out, Mapping) and "loss" in out:
         return out["loss"]
     if hasattr(out, "loss") and isinstance(out.loss, torch.Tensor):
         return out.loss
@@ -97,6 +99,7 @@ class Trainer:
         self.fabric: Optional[Fabric] = None
         self.precision: Optional[str] = None
         self._run_prepared = False
+        self.config_changes: list[ConfigChange] = []  # vs the stored config (api.py): labels and session record
 
     # -- set-up --------------------------------------------------------------------------------
     def launch(self) -> Fabric:
@@ -154,6 +157,7 @@ class Trainer:
             self.prepare_run()
         rank, world = fabric.global_rank, fabric.world_size
         step_fn = training_step or default_training_step
+        model.train()  # from_pretrained hands models over in eval mode: train with dropout on
 
         if tcfg.gradient_checkpointing:
             what = enable_gradient_checkpointing(model, tcfg.checkpoint_modules)
@@ -167,7 +171,7 @@ class Trainer:
         stream = BatchStream(loader, sampler)
         val_loader = build_eval_loader(val_data, sampler.batch_size, rank, world) if val_data is not None else None
         micro_batches = _accumulation(fabric, tcfg, sampler.global_batch)
-        batch_layout = {"micro_batch": sampler.batch_size, "global_batch": sampler.global_batch * micro_batches}
+        batch_layout = {"micro_batch": sampler.batch_size, "global_batch": sampler.global_batch * micro_batches, **sampler.layout()}
 
         run = Storage(cfg.run_dir)
         managers = [CheckpointManager(run)]
@@ -182,6 +186,7 @@ class Trainer:
             if _agree(fabric, stop.reason is not None):
                 _info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
                 raise TrainingStopped(progress.step, stop.reason or "signal", rank=rank)
+            sampler.use_order(batch_layout["order"])
             stream.seek(progress.epoch, progress.cursor)
             session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
             if resumed_from is not None:
@@ -273,9 +278,9 @@ class Trainer:
                 stopping, time_due = agreement.exchange(stop.reason is not None, saver.policy.time_due())
                 final = stopping or step == tcfg.max_steps
                 if final or saver.due(step, time_due):
-                    saver.save(step, capture, {"loss": last_loss, "val_loss": val_loss}, final=final)
-                    if metrics is not None:
+                    if metrics is not None:  # before the commit: a kill right after it loses no rows
                         metrics.flush()
+                    saver.save(step, capture, {"loss": last_loss, "val_loss": val_loss}, final=final)
                 if stopping:
                     saver.finish()
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
@@ -313,6 +318,10 @@ class Trainer:
         if choice[0] == "error":
             raise CheckpointError(choice[1])
         index, step = choice
+        if step > self.config.trainer.max_steps:  # every rank knows the step: all stop here
+            message = (f"trainer.max_steps={self.config.trainer.max_steps} is below the run's step {step}; "
+                       f"resume with trainer.max_steps={step} or more")
+            raise UsageError(message) if rank == 0 else SystemExit(UsageError.exit_code)
         if found is not None:
             _, loaded, snapshot = found
         else:
@@ -322,7 +331,10 @@ class Trainer:
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
-        now = {"world_size": fabric.world_size, "precision": self.precision, "environment": fingerprint(), **batch_layout}
+        # a shuffled run keeps the order algorithm it started with (checkpoints before feistel-v1: randperm)
+        batch_layout["order"] = saved_order(loaded.manifest.get("order"), batch_layout.get("order") != SEQUENTIAL)
+        now = {"world_size": fabric.world_size, "precision": self.precision, "environment": fingerprint(), **batch_layout,
+               "config_changes": [change.key for change in self.config_changes if change.guarded]}
         for line in resume_report(loaded.manifest, now):
             _info(fabric, line)
         return progress, step
@@ -339,6 +351,7 @@ class Trainer:
             session = folder.start_session(progress.step, {
                 "incarnation": lease.incarnation, "world_size": fabric.world_size,
                 "precision": self.precision, "environment": environment,
+                "config_changes": [change.to_json() for change in self.config_changes],
             })
             if len(managers) > 1:
                 mirror = Mirror(run, managers[1].run, RetentionPolicy.from_config(cfg.checkpoint))
@@ -430,17 +443,28 @@ def _make_scheduler(scheduler: Any, optimizer: Any) -> Any:
 
 
 def _validate(fabric: Fabric, model: Any, loader: Any, step_fn: StepFn, max_batches: Optional[int]) -> float:
-    """Mean loss over (up to `max_batches` of) the validation data, averaged across ranks."""
-    was_training = model.training
+    """Mean loss over (up to `max_batches` of) the validation data, averaged across ranks.
+
+    Every submodule gets its own mode back (a part the user froze in eval mode stays so), and the
+    RNG streams are put back where training left them, so validation (and its cadence) cannot
+    change what training draws.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    rng = state_lib.capture_rng()
     model.eval()
     total = torch.zeros(2, device=fabric.device)
-    with torch.no_grad():
-        for index, batch in enumerate(loader):
-            if max_batches is not None and index >= max_batches:
-                break
-            total[0] += step_fn(model, fabric.to_device(batch)).float()
-            total[1] += 1
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                total[0] += step_fn(model, fabric.to_device(batch)).float()
+                total[1] += 1
+    finally:
+        for module, training in modes:
+            module.training = training
+        for problem in state_lib.restore_rng(rng):
+            log.warning("after validation: %s", problem)
     total = fabric.all_reduce(total, reduce_op="sum")
     return (total[0] / total[1].clamp(min=1)).item()
 

@@ -42,12 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the run lives (overrides run_dir from the config)")
     p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=500")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY", dest="allow_change",
+                   help="continuing an existing run: let KEY change although it alters what the run computes "
+                        "(seed, task.*, batch layout); the resume is labelled approximate. Repeatable")
     p.set_defaults(command="run")
 
     p = sub.add_parser("resume", parents=[common], help="continue a run from its newest valid checkpoint",
                        description="Continue RUN from its newest valid checkpoint, with the config and task snapshot stored in RUN.")
     p.add_argument("run", metavar="RUN", help="the run folder (URL)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. trainer.max_steps=2000")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY", dest="allow_change",
+                   help="let KEY change although it alters what the run computes (seed, task.*, batch layout); "
+                        "the resume is labelled approximate. Repeatable")
     p.set_defaults(command="resume")
 
     p = sub.add_parser("ls", parents=[common], help="list a run's checkpoints",
@@ -90,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the precision trainer.precision=auto would choose here.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(command="env")
+
+    p = sub.add_parser("check-resume", parents=[common], help="check that TASK resumes bit-exactly: straight vs interrupted runs",
+                       description="Train TASK N steps straight and the same N steps interrupted (SIGKILL at a save boundary, SIGKILL and SIGTERM between saves, each resumed), in a temporary folder, then compare weights, optimizer state, RNG streams, data position and losses. Prints bit-exact (exit 0) or the first difference and its likely cause (exit 1).")
+    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="steps of each run (default 20, at least 10)")
+    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
+    p.add_argument("--keep", action="store_true", help="keep the temporary run folders and their logs")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for run")
+    p.set_defaults(command="check_resume")
     return parser
 
 

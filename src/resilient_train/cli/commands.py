@@ -31,14 +31,15 @@ def _report(result: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from resilient_train.api import run_task
 
-    _report(run_task(args.task, run_dir=args.run_dir, config=args.config, overrides=args.overrides))
+    _report(run_task(args.task, run_dir=args.run_dir, config=args.config, overrides=args.overrides,
+                     allow_change=args.allow_change))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from resilient_train.api import resume_run
 
-    _report(resume_run(args.run, overrides=args.overrides))
+    _report(resume_run(args.run, overrides=args.overrides, allow_change=args.allow_change))
     return 0
 
 
@@ -251,3 +252,10 @@ def _machine(env: Any) -> str:
     gpus = env.get("gpus") if isinstance(env.get("gpus"), list) else []
     names = [str(g.get("name", "?")) if isinstance(g, dict) else "?" for g in gpus]
     return f"{', '.join(names) if names else 'CPU'} ({env.get('host', '?')})"
+
+
+def cmd_check_resume(args: argparse.Namespace) -> int:
+    from resilient_train.check_resume import check_resume
+
+    return check_resume(args.task, overrides=args.overrides, steps=args.steps, config=args.config, keep=args.keep,
+                        debug=args.debug)

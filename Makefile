@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-oldest bench clean
+.PHONY: demo test test-fast test-oldest chaos chaos-ci bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test-oldest:
 	$(OLDEST)/bin/python -m pip install -q -e '.[dev]' fsspec==2025.3.0 gcsfs==2025.3.0
 	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -m 'not slow and not gpu' \
 		tests/test_storage.py tests/test_checkpoint_manager.py tests/test_sync_and_mirror.py tests/test_tensorfile.py
+
+# ckpt-chaos (a dev extra, unmodified) kills the CLI at every file event of a short run, single
+# process and 2-rank DDP, resumes it and compares the final weights: every crash point must PASS.
+# Working folders go under /tmp. chaos-ci: 3 evenly spaced points per mode, single process and DDP.
+chaos: $(STAMP)
+	$(PY) tests/chaos/chaos.py
+
+chaos-ci: $(STAMP)
+	$(PY) tests/chaos/chaos.py --setups single,ddp --max-points 6
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

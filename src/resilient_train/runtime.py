@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from typing import Optional
 
 import torch
@@ -41,3 +42,32 @@ def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
     except (MisconfigurationException, ValueError, TypeError) as exc:  # devices/strategy/precision this machine cannot do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"trainer settings do not fit this machine: {first}") from None
+
+
+def release_process_groups_at_exit() -> None:
+    """Destroy the process groups before the interpreter starts tearing itself down.
+
+    A gloo process group left alive at exit is destroyed during interpreter finalization, when its
+    worker threads may still hold tensors whose release needs the GIL: the process then aborts
+    ("terminate called without an active exception", SIGABRT) after the run already ended well,
+    and a stopped run exits -6 instead of 75. An `atexit` hook runs while the interpreter is whole.
+    Registered once per process; a no-op when the groups are already gone.
+    """
+    global _RELEASE_REGISTERED
+    if _RELEASE_REGISTERED:
+        return
+    _RELEASE_REGISTERED = True
+    atexit.register(_destroy_process_groups)
+
+
+_RELEASE_REGISTERED = False
+
+
+def _destroy_process_groups() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; a peer that is gone cannot be waited for
+            pass

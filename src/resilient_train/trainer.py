@@ -38,7 +38,7 @@ from resilient_train.metrics import MetricsLogger
 from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
-from resilient_train.runtime import build_fabric, resolve_precision
+from resilient_train.runtime import build_fabric, release_process_groups_at_exit, resolve_precision
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -109,6 +109,8 @@ class Trainer:
             self.precision = resolve_precision(cfg.precision, cfg.accelerator)
             self.fabric = build_fabric(cfg, self.precision)
             self.fabric.launch()
+            if self.fabric.world_size > 1:
+                release_process_groups_at_exit()
         return self.fabric
 
     def prepare_run(self, task: Optional[Task] = None) -> None:

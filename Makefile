@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-oldest chaos chaos-ci bench clean
+.PHONY: demo test test-fast test-oldest test-plain lint chaos chaos-ci bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow and not gpu'
 
+# ruff and mypy (dev extras); both read their settings from pyproject.toml
+lint: $(STAMP)
+	$(PY) -m ruff check src
+	$(PY) -m mypy src
+
 # Colab pins fsspec/gcsfs 2025.3.0: the storage tests also run against those oldest versions.
 OLDEST := .venv-oldest
 test-oldest:
@@ -35,6 +40,11 @@ test-oldest:
 	$(OLDEST)/bin/python -m pip install -q -e '.[dev]' fsspec==2025.3.0 gcsfs==2025.3.0
 	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -m 'not slow and not gpu' \
 		tests/test_storage.py tests/test_checkpoint_manager.py tests/test_sync_and_mirror.py tests/test_tensorfile.py
+
+# The package as a user installs it: a fresh .venv-plain, torch==2.13.0 and a plain `pip install .`
+# (no extras, no numpy), then run, ls, verify, inspect, export and resume on a tiny task.
+test-plain:
+	PYTHON=$(PYTHON) bash tests/plain/check.sh
 
 # ckpt-chaos (a dev extra, unmodified) kills the CLI at every file event of a short run, single
 # process and 2-rank DDP, resumes it and compares the final weights: every crash point must PASS.
@@ -50,4 +60,4 @@ bench: $(STAMP)
 	$(PY) bench/checkpoint.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .venv-plain runs .pytest_cache

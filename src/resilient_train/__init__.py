@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from resilient_train.api import resume_run, run_task
     from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
     from resilient_train.errors import NotFoundError, ResilientTrainError, TrainingStopped, UsageError
-    from resilient_train.api import resume_run, run_task
     from resilient_train.seeding import seed_everything
     from resilient_train.trainer import FitResult, Trainer
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,6 +41,9 @@ class TrainerConfig:
 
     max_steps: int = 1000
     batch_size: int = 32  # per device (micro-batch)
+    # samples per forward/backward on the device: None = batch_size; N splits each batch into chunks
+    # of N (same samples, less memory); auto halves it whenever a step runs out of memory
+    micro_batch_size: Any = None
     accelerator: str = "auto"
     devices: Any = "auto"  # int, "auto", or a list of device indices
     strategy: str = "auto"
@@ -60,6 +63,12 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _positive("trainer.max_steps", self.max_steps, allow_none=False)
         _positive("trainer.batch_size", self.batch_size, allow_none=False)
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size.strip().lower() == "auto":
+            self.micro_batch_size = "auto"
+        elif self.micro_batch_size is not None and (
+            isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1
+        ):
+            raise ConfigError("trainer.micro_batch_size", f"must be a positive int, auto or null, got {self.micro_batch_size!r}")
         _positive("trainer.num_nodes", self.num_nodes, allow_none=False)
         _positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches, allow_none=False)
         _positive("trainer.global_batch_size", self.global_batch_size)
@@ -108,6 +117,8 @@ class CheckpointConfig:
     max_consecutive_failures: int = 3
     mirror: Optional[str] = None  # a second storage each checkpoint is copied to in the background
     session_budget: str = "auto"  # e.g. 11h30m: save and exit 75 before it runs out; auto = Colab's limit on Colab
+    # signals that mean "save and exit 75": SLURM's `--signal=USR1@300` needs SIGUSR1 here
+    stop_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps)
@@ -132,6 +143,20 @@ class CheckpointConfig:
             parse_duration(self.session_budget)
         if self.mirror is not None and not str(self.mirror).strip():
             self.mirror = None
+        self.stop_signals = _signal_names(self.stop_signals)
+
+
+def _signal_names(value: Any) -> list:
+    """Canonical names (SIGUSR1) of `checkpoint.stop_signals`; a bad or empty list is refused."""
+    from resilient_train.preemption import parse_signal
+
+    items = [value] if isinstance(value, (str, int)) else list(value or [])
+    if not items:
+        raise ConfigError("checkpoint.stop_signals", "must name at least one signal, e.g. [SIGTERM, SIGINT]")
+    try:
+        return list(dict.fromkeys(parse_signal(item).name for item in items))
+    except ValueError as exc:
+        raise ConfigError("checkpoint.stop_signals", str(exc)) from None
 
 
 @dataclass
@@ -159,7 +184,7 @@ class RunConfig:
 
     def hash(self) -> str:
         """A short digest of everything that shapes the training result (run_dir excluded)."""
-        data = OmegaConf.to_container(self.to_dictconfig(), resolve=True)
+        data = cast(dict[str, Any], OmegaConf.to_container(self.to_dictconfig(), resolve=True))
         data.pop("run_dir", None)
         text = OmegaConf.to_yaml(OmegaConf.create(data))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -221,12 +246,12 @@ def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
         if name in ("run_dir", "seed"):
             layer[name] = value
         elif name in ("trainer", "checkpoint", "task"):
-            section = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+            section = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else dict(value)
             layer.setdefault(name, {}).update(section)
         else:
-            for section, schema in _SECTIONS.items():
+            for section_name, schema in _SECTIONS.items():
                 if name in {f.name for f in dataclasses.fields(schema)}:
-                    layer.setdefault(section, {})[name] = value
+                    layer.setdefault(section_name, {})[name] = value
                     break
             else:
                 raise UsageError(f"Trainer got an unknown argument '{name}'; see docs/configuration.md")
@@ -238,7 +263,7 @@ def resolve(*layers: Any) -> RunConfig:
     schema = OmegaConf.structured(RunConfig)
     try:
         merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
-        return OmegaConf.to_object(merged)  # runs every __post_init__
+        return cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None
         if cause is not None:
@@ -265,7 +290,7 @@ def load_run_yaml(text: str) -> DictConfig:
 # validation leaves the training RNG streams where they were)
 _FREE_TRAINER_KEYS = frozenset({
     "max_steps", "accelerator", "strategy", "precision", "gradient_checkpointing", "checkpoint_modules",
-    "val_every_n_steps", "val_batches", "log_every_n_steps", "num_workers", "progress_bar",
+    "val_every_n_steps", "val_batches", "log_every_n_steps", "num_workers", "progress_bar", "micro_batch_size",
 })
 # keys that set the batch layout: free while `trainer.global_batch_size` is set and unchanged (the
 # trainer then derives accumulation so the samples per optimizer step stay the same)

@@ -40,7 +40,6 @@ from torch.utils.data._utils.collate import default_collate
 from resilient_train.errors import UsageError
 from resilient_train.permutation import FeistelOrder
 
-
 FEISTEL, RANDPERM, SEQUENTIAL = "feistel-v1", "randperm-v1", "sequential"
 ORDERS = (FEISTEL, RANDPERM, SEQUENTIAL)
 
@@ -319,7 +318,8 @@ def _worker_settings(loader: DataLoader) -> dict[str, Any]:
 def _map_style(data: Any, dataset: Any, what: str) -> int:
     """The dataset's length, or a UsageError saying why it cannot be resumed at an exact sample."""
     if isinstance(dataset, IterableDataset):
-        raise UsageError(f"{what} is an IterableDataset; give a map-style Dataset (with __len__ and __getitem__) so the trainer can resume at an exact sample")
+        raise UsageError(f"{what} is an IterableDataset; give a map-style Dataset (with __len__ and __getitem__) "
+                         "so the trainer can resume at an exact sample")
     if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
         raise UsageError(f"{what} must be a torch Dataset or DataLoader, got {type(data).__name__}")
     try:

@@ -50,6 +50,8 @@ class TrainingStopped(SystemExit):
     supervisor understands ("resume me"), while notebooks and callers can still catch it.
     """
 
+    code: int  # always EXIT_STOPPED
+
     def __init__(self, step: int, reason: str, rank: int = 0) -> None:
         super().__init__(EXIT_STOPPED)
         self.step = step

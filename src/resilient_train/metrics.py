@@ -45,7 +45,7 @@ def read_rows(run: Storage) -> list[dict[str, Any]]:
             continue
         if len(fields) != len(header):
             continue
-        row: dict[str, Any] = dict(zip(header, fields))
+        row: dict[str, Any] = dict(zip(header, fields, strict=True))
         try:
             row["session"], row["step"] = int(row.get("session") or 0), int(row["step"])
         except (KeyError, ValueError):

@@ -109,7 +109,7 @@ def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
         raise UsageError("plot needs matplotlib: pip install 'resilient_train[plot]'") from None
     history = read_history(Storage(run_url))
     fig, (ax_loss, ax_lr, ax_rate) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap; the stub returns Colormap
     _series(ax_loss, history.loss, "train loss", "C0")
     if history.val_loss:
         _series(ax_loss, history.val_loss, "validation loss", "C3", marker="o")

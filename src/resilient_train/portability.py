@@ -4,7 +4,9 @@ Three levels, reported in one line on every resume:
   bit-exact     same world size, device kind, precision and batch: the run continues as if never
                 interrupted (the tests check this bit for bit on CPU);
   sample-exact  the data order and the samples per optimizer step are the same (the sampler's
-                cursor is global), but arithmetic differs: another world size, device or precision;
+                cursor is global), but arithmetic differs: another world size, device, precision
+                or device micro-batch (`trainer.micro_batch_size`; always with `auto`, whose
+                chunk size follows free memory);
   approximate   the samples per optimizer step changed (another world size without
                 `trainer.global_batch_size`), or the config changed in keys that alter what the
                 run computes (seed, task keys, batch layout: let through with --allow-change),
@@ -43,6 +45,11 @@ def exactness(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, list[str
         reasons.append(f"device {saved_device} -> {now_device}")
     if saved.get("micro_batch") not in (None, now["micro_batch"]):
         reasons.append(f"per-device batch {saved.get('micro_batch')} -> {now['micro_batch']}")
+    saved_chunk, now_chunk = saved.get("device_micro_batch"), now.get("device_micro_batch")
+    if saved_chunk != now_chunk:  # same samples, another summation order of the gradient
+        reasons.append(f"device micro-batch {saved_chunk or saved.get('micro_batch')} -> {now_chunk or now['micro_batch']}")
+    if now.get("micro_batch_auto"):
+        reasons.append("trainer.micro_batch_size=auto (the device micro-batch follows free memory)")
     approximate = False
     if saved.get("global_batch") not in (None, now["global_batch"]):
         reasons.append(f"samples per optimizer step {saved.get('global_batch')} -> {now['global_batch']}")

@@ -1,6 +1,9 @@
-"""Turning SIGTERM/SIGINT into a request to stop at the next optimizer-step boundary.
+"""Turning stop signals into a request to stop at the next optimizer-step boundary.
 
-The loop finishes the step it is in, commits a checkpoint and exits with code 75. A second Ctrl-C
+The loop finishes the step it is in, commits a checkpoint and exits with code 75. Which signals
+mean "stop" depends on who stops the job: Colab, SkyPilot and Kubernetes send SIGTERM, a user
+presses Ctrl-C (SIGINT), and SLURM sends whatever `--signal` names (usually SIGUSR1) a while
+before the time limit. So the set is configurable (`checkpoint.stop_signals`). A second Ctrl-C
 interrupts at once, for a user who really means it.
 """
 
@@ -8,22 +11,48 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any, Optional
 
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT")
+# the process cannot catch these, or they already mean something the loop relies on
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+_RESERVED = {"SIGCHLD", "SIGPIPE", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}
+
+
+def parse_signal(name: Any) -> signal.Signals:
+    """`SIGUSR1`, `USR1`, `usr1` or the number 10 -> signal.SIGUSR1; ValueError naming the choice."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        try:
+            sig = signal.Signals(int(text))
+        except ValueError:
+            raise ValueError(f"{name!r} is not a signal number on this system") from None
+    else:
+        full = text if text.startswith("SIG") else "SIG" + text
+        try:
+            sig = signal.Signals[full]
+        except KeyError:
+            raise ValueError(f"{name!r} is not a signal name (e.g. SIGTERM, SIGINT, SIGUSR1)") from None
+    if sig.name in _UNCATCHABLE:
+        raise ValueError(f"{sig.name} cannot be caught by a process; use SIGTERM or SIGUSR1")
+    if sig.name in _RESERVED:
+        raise ValueError(f"{sig.name} reports a fault or a child process, not a request to stop")
+    return sig
+
 
 class StopRequest:
-    """A flag set by signals while installed (a context manager; restores previous handlers)."""
+    """A flag set by the stop signals while installed (a context manager; restores previous handlers)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
+    def __init__(self, signals: Iterable[Any] = DEFAULT_STOP_SIGNALS) -> None:
         self.reason: Optional[str] = None
+        self.signals = tuple(dict.fromkeys(parse_signal(s) for s in signals))
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

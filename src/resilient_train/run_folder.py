@@ -36,7 +36,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from resilient_train.config import RunConfig, load_run_yaml, resolve
 from resilient_train.errors import NotFoundError, UsageError
@@ -119,7 +119,7 @@ class RunFolder:
     def read_config_layer_dict(self) -> dict[str, Any]:
         from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(self.read_config_layer(), resolve=False)
+        return cast("dict[str, Any]", OmegaConf.to_container(self.read_config_layer(), resolve=False))  # a DictConfig gives a dict
 
     def read_config(self) -> RunConfig:
         return resolve(self.read_config_layer())
@@ -193,10 +193,12 @@ class RunFolder:
     def task_entry(self, local_dir: Optional[str] = None) -> str:
         """Path of the snapshotted task file, copied to `local_dir` first when the run is remote."""
         if not self.storage.exists(TASK_DIR, TASK_JSON):
-            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json); run it with `run TASK --run-dir {self.storage.url}` instead")
+            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json); "
+                                f"run it with `run TASK --run-dir {self.storage.url}` instead")
         meta = self.task_meta()
         if meta is None:
-            raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); run it with `run TASK --run-dir {self.storage.url}` instead")
+            raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); "
+                                f"run it with `run TASK --run-dir {self.storage.url}` instead")
         if self.storage.is_local:
             return self.storage.path(TASK_DIR, meta["entry"])
         if local_dir is None:
@@ -245,7 +247,8 @@ class RunFolder:
             log.warning("%s is damaged (%s); ignoring it (rebuilt at the next session)", self.storage.display(SESSIONS), _why(exc))
             return [], raw
         if not isinstance(data, list):
-            log.warning("%s is damaged (a %s, not a list); ignoring it (rebuilt at the next session)", self.storage.display(SESSIONS), type(data).__name__)
+            log.warning("%s is damaged (a %s, not a list); ignoring it (rebuilt at the next session)",
+                        self.storage.display(SESSIONS), type(data).__name__)
             return [], raw
         records = [r for r in (_clean_session(item) for item in data) if r is not None]
         if len(records) != len(data):

@@ -37,7 +37,7 @@ def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
             devices=cfg.devices,
             strategy=cfg.strategy,
             num_nodes=cfg.num_nodes,
-            precision=precision or resolve_precision(cfg.precision, cfg.accelerator),
+            precision=precision or resolve_precision(cfg.precision, cfg.accelerator),  # type: ignore[arg-type]  # Fabric checks it
         )
     except (MisconfigurationException, ValueError, TypeError) as exc:  # devices/strategy/precision this machine cannot do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

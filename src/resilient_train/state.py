@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -108,7 +108,8 @@ def capture_rng() -> dict[str, Any]:
     except ImportError:
         rng["numpy"] = None
     else:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # the global RandomState is MT19937: its legacy state is this 5-tuple, never the dict form
+        name, keys, pos, has_gauss, cached = cast("tuple[str, Any, int, int, float]", np.random.get_state())
         rng["numpy"] = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = [_tensor_bytes(s) for s in torch.cuda.get_rng_state_all()]
@@ -218,7 +219,8 @@ def restore(
         if saved_scheduler is None:
             problems.append("the checkpoint has no scheduler state; the scheduler starts fresh")
         else:
-            _apply(scheduler.load_state_dict, saved_scheduler, "scheduler state does not fit this scheduler", "resume with the same scheduler")
+            _apply(scheduler.load_state_dict, saved_scheduler,
+                   "scheduler state does not fit this scheduler", "resume with the same scheduler")
     if saved_scaler and live_scaler:
         _apply(scaler.load_state_dict, saved_scaler, "GradScaler state does not fit this GradScaler", "resume with the same precision")
     elif saved_scaler or live_scaler:
@@ -236,7 +238,8 @@ def check(snapshot: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Opt
     _check(snapshot, model, optimizer, scheduler, scaler)
 
 
-def _check(snapshot: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> tuple[Progress, list[str]]:
+def _check(snapshot: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+           scaler: Any) -> tuple[Progress, list[str]]:
     train = snapshot.train
     if not isinstance(train, dict):
         raise CheckpointError(f"the checkpoint's training state is {_describe(train)}, not a map; the checkpoint is corrupt or not ours")
@@ -274,7 +277,7 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     if len(groups) != len(live_groups):
         raise unfit(f"{len(groups)} parameter group(s) in the checkpoint, {len(live_groups)} here")
     params: dict[Any, torch.Tensor] = {}
-    for index, (group, live) in enumerate(zip(groups, live_groups)):
+    for index, (group, live) in enumerate(zip(groups, live_groups, strict=True)):
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
             raise unfit(f"parameter group {index} is malformed")
         if len(group["params"]) != len(live["params"]):
@@ -282,7 +285,7 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
         for key, value in live.items():
             if key != "params" and key in group and not _fits(group[key], value):
                 raise unfit(f"'{key}' of parameter group {index} is {_describe(group[key])}")
-        for ident, param in zip(group["params"], live["params"]):
+        for ident, param in zip(group["params"], live["params"], strict=True):
             try:
                 params[ident] = param
             except TypeError:  # an unhashable id
@@ -312,7 +315,9 @@ def _progress(saved: Any) -> tuple[Progress, list[str]]:
             else (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
         if not ok:
             want = "an object of numbers" if key == "best" else "a whole number >= 0"
-            raise CheckpointError(f"the checkpoint's progress '{key}' is {_describe(value)}, not {want}; the checkpoint is corrupt or not ours")
+            raise CheckpointError(
+                f"the checkpoint's progress '{key}' is {_describe(value)}, not {want}; the checkpoint is corrupt or not ours"
+            )
         values[key] = value
     problems = [f"progress field '{str(key)[:40]}' in the checkpoint is not known here; ignored" for key in saved if key not in known]
     return Progress(**values), problems
@@ -340,7 +345,7 @@ def _fits(saved: Any, live: Any) -> bool:
     if isinstance(live, torch.Tensor):
         return isinstance(saved, torch.Tensor) or (live.dim() == 0 and _is_number(saved))
     if isinstance(live, (list, tuple)):
-        return isinstance(saved, (list, tuple)) and len(saved) == len(live) and all(_fits(s, v) for s, v in zip(saved, live))
+        return isinstance(saved, (list, tuple)) and len(saved) == len(live) and all(_fits(s, v) for s, v in zip(saved, live, strict=True))
     return True
 
 

@@ -94,6 +94,7 @@ def _module_from_file(path: str) -> ModuleType:
 
 def load_task(spec: str) -> Task:
     """Load TASK as given on the command line: a `.py` path or a `package.module` name."""
+    path: Optional[str]  # None for a module without __file__
     if spec.endswith(".py") or os.sep in spec or os.path.exists(spec):
         if not os.path.isfile(spec):
             raise UsageError(f"task file '{spec}' does not exist")

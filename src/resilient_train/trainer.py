@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union, cast
 
 import torch
 from lightning_fabric import Fabric
@@ -22,11 +22,11 @@ from resilient_train import state as state_lib
 from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
+from resilient_train.checkpoint.collective import Collective
 from resilient_train.checkpoint.lease import Lease
 from resilient_train.checkpoint.manager import LoadedCheckpoint, load_newest_valid
 from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
-from resilient_train.checkpoint.collective import Collective
 from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
 from resilient_train.data import SEQUENTIAL, BatchStream, build_eval_loader, build_loader, saved_order
@@ -35,6 +35,7 @@ from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.metrics import MetricsLogger
+from resilient_train.microbatch import AUTO, MicroBatchFit, device_name, split_batch
 from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
@@ -176,6 +177,9 @@ class Trainer:
         batch_layout = {"micro_batch": sampler.batch_size, "global_batch": sampler.global_batch * micro_batches, **sampler.layout()}
 
         run = Storage(cfg.run_dir)
+        chunking = self._micro_batch_fit(fabric, sampler.batch_size, run)
+        batch_layout["device_micro_batch"] = chunking.size if chunking is not None and chunking.splits else None
+        batch_layout["micro_batch_auto"] = chunking is not None and chunking.auto
         managers = [CheckpointManager(run)]
         if cfg.checkpoint.mirror:
             mirror = Storage(cfg.checkpoint.mirror)
@@ -183,7 +187,7 @@ class Trainer:
                 _info(fabric, "checkpoint.mirror is the run folder itself (a run resumed from its mirror?); not mirroring")
             else:
                 managers.append(CheckpointManager(mirror))
-        with StopRequest() as stop:  # a SIGTERM while the checkpoint loads still ends with 75
+        with StopRequest(cfg.checkpoint.stop_signals) as stop:  # a SIGTERM while the checkpoint loads still ends with 75
             progress, resumed_from = self._resume(fabric, managers, model, optimizer, scheduler, scaler, batch_layout)
             if _agree(fabric, stop.reason is not None):
                 _info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
@@ -195,7 +199,7 @@ class Trainer:
                 saver.last_path = managers[0].info(resumed_from).path
             try:
                 result = self._loop(fabric, stop, saver, run, session, progress, model, optimizer, scheduler, scaler,
-                                    step_fn, stream, val_loader, micro_batches, batch_layout)
+                                    step_fn, stream, val_loader, micro_batches, batch_layout, chunking)
             except BaseException as exc:
                 if not isinstance(exc, TrainingStopped):
                     saver.abort(EXIT_WAIT_SECONDS)  # the save in flight commits or is reported
@@ -213,7 +217,8 @@ class Trainer:
 
     def _loop(self, fabric: Fabric, stop: StopRequest, saver: CheckpointSaver, run: Storage, session: int,
               progress: state_lib.Progress, model: Any, optimizer: Any, scheduler: Any, scaler: Any, step_fn: StepFn,
-              stream: BatchStream, val_loader: Any, micro_batches: int, batch_layout: dict[str, int]) -> tuple[Optional[float], Optional[float]]:
+              stream: BatchStream, val_loader: Any, micro_batches: int, batch_layout: dict[str, Any],
+              chunking: Optional[MicroBatchFit] = None) -> tuple[Optional[float], Optional[float]]:
         """Steps to `max_steps`: accumulate, clip, update, log, validate, save; (last loss, val loss)."""
         cfg, tcfg, rank = self.config, self.config.trainer, fabric.global_rank
         budget = budget_seconds(cfg.checkpoint.session_budget)
@@ -232,15 +237,19 @@ class Trainer:
         agreement = StepAgreement(fabric.world_size, rank)
         with _closing(bar, metrics, agreement):
             while progress.step < tcfg.max_steps:
-                loss_sum = torch.zeros((), device=fabric.device)
-                for micro in range(micro_batches):
-                    batch = fabric.to_device(stream.next())
-                    syncing = micro == micro_batches - 1
-                    with fabric.no_backward_sync(model, enabled=not syncing):
-                        loss = step_fn(model, batch)
-                        fabric.backward(loss / micro_batches)
-                    loss_sum += loss.detach()
-                    progress.samples_seen += stream.last_consumed
+                if chunking is None:
+                    loss_sum = torch.zeros((), device=fabric.device)
+                    for micro in range(micro_batches):
+                        batch = fabric.to_device(stream.next())
+                        syncing = micro == micro_batches - 1
+                        with fabric.no_backward_sync(model, enabled=not syncing):
+                            loss = step_fn(model, batch)
+                            fabric.backward(loss / micro_batches)
+                        loss_sum += loss.detach()
+                        progress.samples_seen += stream.last_consumed
+                else:
+                    loss_sum = self._chunked_step(fabric, model, optimizer, step_fn, stream, progress, micro_batches,
+                                                  chunking, saver, batch_layout)
                 saver.before_update()  # a background save finishes copying the state first
                 if tcfg.gradient_clip_val is not None:
                     fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
@@ -256,7 +265,7 @@ class Trainer:
 
                 step = progress.step
                 if step % tcfg.log_every_n_steps == 0 or step == tcfg.max_steps:
-                    last_loss = fabric.all_reduce(loss_sum / micro_batches, reduce_op="mean").item()
+                    last_loss = _all_reduce(fabric, loss_sum / micro_batches, "mean").item()
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * batch_layout["global_batch"] / elapsed if elapsed > 0 else float("nan")
                     window_start, window_steps = time.perf_counter(), 0
@@ -290,7 +299,72 @@ class Trainer:
             saver.finish()
         return last_loss, val_loss
 
-    def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any, batch_layout: dict[str, int]) -> tuple[state_lib.Progress, Optional[int]]:
+    def _micro_batch_fit(self, fabric: Fabric, loaded: int, run: Storage) -> Optional[MicroBatchFit]:
+        """The device micro-batch setting for this session (None: each loaded batch goes in whole)."""
+        setting = self.config.trainer.micro_batch_size
+        if setting is None:
+            return None
+        if setting == AUTO and fabric.world_size > 1:
+            raise UsageError(
+                "trainer.micro_batch_size=auto needs a single process: under DDP an out-of-memory error on one rank "
+                "would leave the others waiting in the gradient all-reduce; set trainer.micro_batch_size=N instead"
+            )
+        chunking = MicroBatchFit(setting, loaded, device_name(fabric.device), run if fabric.global_rank == 0 else None)
+        if chunking.recalled is not None:
+            _info(fabric, f"device micro-batch {chunking.size} (found on {chunking.device} by an earlier session)")
+        elif chunking.splits:
+            _info(fabric, f"device micro-batch {chunking.size}: each batch of {loaded} goes through in {chunking.chunks()} chunks")
+        return chunking
+
+    def _chunked_step(self, fabric: Fabric, model: Any, optimizer: Any, step_fn: StepFn, stream: BatchStream,
+                      progress: state_lib.Progress, micro_batches: int, chunking: MicroBatchFit, saver: CheckpointSaver,
+                      batch_layout: dict[str, Any]) -> torch.Tensor:
+        """Forward and backward of one optimizer step's batches in chunks; (auto) retried smaller on OOM.
+
+        The step's batches are loaded once and kept on the host, so a retry sees the same samples;
+        the RNG streams go back to the step's start and the failed attempt's gradients are dropped.
+        """
+        batches = []
+        for _ in range(micro_batches):
+            batches.append(stream.next())
+            progress.samples_seen += stream.last_consumed
+        rng = state_lib.capture_rng() if chunking.auto else None
+        while True:
+            error = None
+            try:
+                return self._run_chunks(fabric, model, step_fn, batches, chunking.size)
+            except torch.OutOfMemoryError as exc:
+                if not chunking.auto:
+                    raise
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else "OutOfMemoryError"
+            # out of the except block: the traceback and the tensors it kept alive are gone
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for problem in state_lib.restore_rng(rng):
+                log.warning("retrying step %d: %s", progress.step + 1, problem)
+            chunking.shrink(progress.step + 1, error)
+            batch_layout["device_micro_batch"] = chunking.size
+            saver.meta["device_micro_batch"] = chunking.size  # what the next checkpoint records
+
+    @staticmethod
+    def _run_chunks(fabric: Fabric, model: Any, step_fn: StepFn, batches: list[Any], size: int) -> torch.Tensor:
+        """Accumulate gradients over every chunk; each chunk's loss weighs by its share of its batch."""
+        loss_sum = torch.zeros((), device=fabric.device)
+        for index, batch in enumerate(batches):
+            chunks = split_batch(batch, size)
+            total = sum(count for _, count in chunks)
+            for number, (chunk, count) in enumerate(chunks):
+                syncing = index == len(batches) - 1 and number == len(chunks) - 1
+                with fabric.no_backward_sync(model, enabled=not syncing):
+                    loss = step_fn(model, fabric.to_device(chunk))
+                    weight = count / total
+                    fabric.backward(loss / len(batches) if count == total else loss * weight / len(batches))
+                loss_sum += loss.detach() * weight
+        return loss_sum
+
+    def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                batch_layout: dict[str, Any]) -> tuple[state_lib.Progress, Optional[int]]:
         """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
         wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
@@ -341,7 +415,8 @@ class Trainer:
             _info(fabric, line)
         return progress, step
 
-    def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress, batch_layout: dict[str, int]) -> tuple[int, CheckpointSaver]:
+    def _start_session(self, fabric: Fabric, run: Storage, managers: list[CheckpointManager], progress: state_lib.Progress,
+                       batch_layout: dict[str, Any]) -> tuple[int, CheckpointSaver]:
         """Take the lease (fencing older writers), record the session, build the saver and mirror."""
         cfg, rank = self.config, fabric.global_rank
         environment = fingerprint()  # probed once: recorded in the session and in every manifest
@@ -467,15 +542,20 @@ def _validate(fabric: Fabric, model: Any, loader: Any, step_fn: StepFn, max_batc
             module.training = training
         for problem in state_lib.restore_rng(rng):
             log.warning("after validation: %s", problem)
-    total = fabric.all_reduce(total, reduce_op="sum")
+    total = _all_reduce(fabric, total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _all_reduce(fabric: Fabric, tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """Fabric's all-reduce of one tensor (typed for what it returns for a tensor)."""
+    return cast(torch.Tensor, fabric.all_reduce(tensor, reduce_op=op))
 
 
 def _agree(fabric: Fabric, flag: bool) -> bool:
     """True on every rank when it is true on any (signals may reach only some processes)."""
     if fabric.world_size == 1:
         return flag
-    value = fabric.all_reduce(torch.tensor(float(flag), device=fabric.device), reduce_op="sum")
+    value = _all_reduce(fabric, torch.tensor(float(flag), device=fabric.device), "sum")
     return bool(value.item() > 0)
 
 

@@ -19,16 +19,22 @@ if "$VENV/bin/python" -c "import numpy" 2>/dev/null; then
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-RT() { (cd "$WORK" && "$OLDPWD/$VENV/bin/python" -m resilient_train "$@"); }
+PLAIN_PY="$PWD/$VENV/bin/python"
+RT() { (cd "$WORK" && "$PLAIN_PY" -m resilient_train "$@"); }
+export -f RT; export WORK RUN PLAIN_PY
 TASK="$PWD/tests/tasks/tiny.py"
 RUN="$WORK/run"
 RT run "$TASK" --run-dir "$RUN" trainer.max_steps=6 checkpoint.every_n_steps=3 >/dev/null 2>"$WORK/run.err" \
   || { tail -20 "$WORK/run.err"; exit 1; }
 echo "plain install: run ok"
-RT ls "$RUN" | grep -q committed && echo "plain install: ls ok"
-RT verify "$RUN" | grep -q ": ok" && echo "plain install: verify ok"
-RT inspect "$RUN" --json | grep -q '"checkpoint"' && echo "plain install: inspect ok"
-RT export "$RUN" "$WORK/model.safetensors" 2>/dev/null && test -s "$WORK/model.safetensors" && echo "plain install: export ok"
+check() {  # check NAME COMMAND...: the command must succeed, or the check fails loudly
+  local name="$1"; shift
+  if "$@"; then echo "plain install: $name ok"; else echo "plain install: $name FAILED" >&2; exit 1; fi
+}
+check ls bash -c 'RT ls "$RUN" | grep -q committed'
+check verify bash -c 'RT verify "$RUN" | grep -q ": ok"'
+check inspect bash -c 'RT inspect "$RUN" --json | grep -q "\"checkpoint\""'
+check export bash -c 'RT export "$RUN" "$WORK/model.safetensors" 2>/dev/null && test -s "$WORK/model.safetensors"'
 RT resume "$RUN" trainer.max_steps=9 >/dev/null 2>"$WORK/resume.err" || { tail -20 "$WORK/resume.err"; exit 1; }
-RT ls "$RUN" | grep -qE "^ +9 +committed" && echo "plain install: resume ok"
+check resume bash -c 'RT ls "$RUN" | grep -qE "^ +9 +committed"'
 echo "plain install: every core command works without the dev extras"

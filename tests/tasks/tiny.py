@@ -5,6 +5,10 @@ test can compare the data order of an interrupted run with an uninterrupted one.
 slows each step so a test can interrupt mid-run. `task.ballast` adds that many trained
 parameters so checkpoints are large and a save takes long enough to be killed in the middle.
 `task.fail_at` makes the training step raise on that call (a bug in user code mid-run).
+`task.oom_above` makes the step raise torch.OutOfMemoryError, after the forward pass (so dropout
+has drawn its masks), when it gets more samples than that, on every `task.oom_every`-th call (so
+an earlier chunk of the same optimizer step may already have put gradients in place): what a
+smaller GPU does to a micro-batch that fit a larger one.
 """
 
 import time
@@ -13,7 +17,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -50,6 +54,8 @@ def build(cfg):
         if t.sleep:
             time.sleep(t.sleep)
         out = model(batch["x"])
+        if t.oom_above and len(batch["x"]) > t.oom_above and calls[0] % t.oom_every == 0:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(batch['x'])} samples > {t.oom_above})")
         loss = nn.functional.binary_cross_entropy_with_logits(out, batch["y"])
         if t.ballast:
             loss = loss + 1e-6 * model.ballast.square().mean() + 1e-6 * model.ballast.sum()

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 
 from resilient_train.checkpoint import tensorfile
-from resilient_train.checkpoint.jsonio import describe
-from resilient_train.checkpoint.jsonio import dumps_json, loads_json  # noqa: F401 - re-exported from their old home
+from resilient_train.checkpoint.jsonio import describe, dumps_json, loads_json  # noqa: F401 - dumps_json, loads_json re-exported from their old home
 from resilient_train.errors import CheckpointError
 
 _TAGS = ("__tensor__", "__tuple__", "__dict__", "__bytes__", "__float__")
@@ -122,11 +121,11 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
         return out
     if tag == "__bytes__":
         try:
-            return base64.b64decode(value, validate=True)
+            return base64.b64decode(cast(str, value), validate=True)
         except ValueError:  # binascii.Error, or non-ASCII text
             raise CheckpointError(f"{name}: a __bytes__ value is not base64; the file is corrupt or not ours") from None
     try:  # __float__
-        return float(value)
+        return float(cast(str, value))
     except ValueError:
         raise CheckpointError(f"{name}: a __float__ value {value[:40]!r} is not a number; the file is corrupt or not ours") from None
 

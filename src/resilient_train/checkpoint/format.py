@@ -12,7 +12,7 @@ Global rank 0 writes the shared files; every rank writes its own RNG file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -121,7 +121,7 @@ def encode_rank(snapshot: Snapshot, rank: int) -> dict[str, bytes]:
     return encode_files(snapshot, rank, shared=False).to_bytes()
 
 
-def decode_model(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+def decode_model(files: Mapping[str, Union[bytes, bytearray]]) -> dict[str, torch.Tensor]:
     """Model weights with tied keys restored as the same tensor.
 
     A checkpoint may be foreign or hostile: any defect is a one-line CheckpointError.
@@ -129,7 +129,7 @@ def decode_model(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
     return _decode_model(files, _meta(files) if STATE_JSON in files else {})
 
 
-def _decode_model(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _decode_model(files: Mapping[str, Union[bytes, bytearray]], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     model = codec.tensors_from_bytes(_need(files, MODEL_FILE), MODEL_FILE)
     aliases = meta.get("model_aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
@@ -145,7 +145,7 @@ def _decode_model(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, to
     return model
 
 
-def decode(files: dict[str, bytes], rank: int) -> Snapshot:
+def decode(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Snapshot:
     """Rebuild the snapshot `rank` needs from a checkpoint's file contents.
 
     Checks the shape a Snapshot must have (its `train` a dict, its RNG states a dict); what each
@@ -157,7 +157,9 @@ def decode(files: dict[str, bytes], rank: int) -> Snapshot:
     tensors = codec.tensors_from_bytes(_need(files, STATE_TENSORS), STATE_TENSORS)
     train = codec.decode(meta["train"], tensors, STATE_JSON)
     if not isinstance(train, dict) or not all(isinstance(k, str) for k in train):
-        raise CheckpointError(f"{STATE_JSON}: the training state is {describe(train)}, not an object; the checkpoint is corrupt or not ours")
+        raise CheckpointError(
+            f"{STATE_JSON}: the training state is {describe(train)}, not an object; the checkpoint is corrupt or not ours"
+        )
     rng = None
     name = rng_file(rank)
     if name in files:
@@ -167,13 +169,13 @@ def decode(files: dict[str, bytes], rank: int) -> Snapshot:
     return Snapshot(model=_decode_model(files, meta), train=train, rng=rng)
 
 
-def _need(files: dict[str, Any], name: str) -> Any:
+def _need(files: Mapping[str, Any], name: str) -> Any:
     if name not in files:
         raise CheckpointError(f"the checkpoint has no {name}; it is incomplete or not ours")
     return files[name]
 
 
-def _meta(files: dict[str, Any]) -> dict[str, Any]:
+def _meta(files: Mapping[str, Any]) -> dict[str, Any]:
     meta = codec.loads_json(_need(files, STATE_JSON), STATE_JSON)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{STATE_JSON} is not a JSON object; the checkpoint is corrupt or not ours")

@@ -36,7 +36,9 @@ def loads_json(data: Buffer, name: str, max_bytes: int = MAX_BYTES, max_depth: i
     if isinstance(data, memoryview):
         data = data.tobytes()
     if len(data) > max_bytes:
-        raise CheckpointError(f"{name} is {len(data)} bytes, more than the {max_bytes} such a file may have; the file is corrupt or not ours")
+        raise CheckpointError(
+            f"{name} is {len(data)} bytes, more than the {max_bytes} such a file may have; the file is corrupt or not ours"
+        )
     depth = json_depth(data, max_depth)
     if depth > max_depth:
         raise CheckpointError(f"{name} nests deeper than {max_depth} levels; the file is corrupt or not ours")

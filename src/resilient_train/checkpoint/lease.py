@@ -40,7 +40,7 @@ class Lease:
     def acquire(cls, storage: Storage) -> "Lease":
         """Take over the run: incarnation = previous + 1."""
         current = read_lease(storage)
-        record = {
+        record: dict[str, Any] = {
             "incarnation": int(current.get("incarnation", 0)) + 1,
             "writer": uuid.uuid4().hex[:12],
             "host": socket.gethostname(),

@@ -20,6 +20,7 @@ This module imports no torch: `ls`, `verify` and `sync` use it without paying fo
 from __future__ import annotations
 
 import base64
+import builtins
 import errno
 import logging
 import re
@@ -114,7 +115,7 @@ class LoadedCheckpoint:
 
     info: CheckpointInfo
     manifest: dict[str, Any]
-    files: dict[str, bytes]
+    files: dict[str, bytearray]
 
     def snapshot(self, rank: int) -> "Snapshot":
         from resilient_train.checkpoint import format as fmt
@@ -274,7 +275,7 @@ class CheckpointManager:
         if info.status != COMMITTED or info.manifest is None:
             raise CheckpointError(f"{info.path} is {info.status}: {info.reason}")
         name = step_dir(info.step)
-        files = {}
+        files: dict[str, bytearray] = {}
         for fname, record in info.manifest["files"].items():
             if wanted is not None and fname not in wanted:
                 continue
@@ -288,7 +289,7 @@ class CheckpointManager:
             files[fname] = data
         return LoadedCheckpoint(info=info, manifest=info.manifest, files=files)
 
-    def verify(self, info: CheckpointInfo) -> list[str]:
+    def verify(self, info: CheckpointInfo) -> builtins.list[str]:
         """Re-read every byte of a checkpoint; one line per file that does not match its manifest.
 
         On stores that keep a checksum per object (GCS) that checksum is compared as well, which
@@ -320,8 +321,8 @@ class CheckpointManager:
         return found[1] if found else None
 
     # -- retention and garbage collection -----------------------------------------------------
-    def prune(self, policy: "RetentionPolicy", newest_step: int, infos: Optional[list[CheckpointInfo]] = None,
-              verified: bool = False) -> list[int]:
+    def prune(self, policy: "RetentionPolicy", newest_step: int, infos: Optional[builtins.list[CheckpointInfo]] = None,
+              verified: bool = False) -> builtins.list[int]:
         """Apply `policy` right after `newest_step` was committed; returns the steps removed.
 
         Nothing is deleted unless `newest_step` is committed and verifies: `verified` says the
@@ -352,7 +353,7 @@ class CheckpointManager:
             return False
         return True
 
-    def make_room(self, policy: "RetentionPolicy", infos: Optional[list[CheckpointInfo]] = None) -> list[int]:
+    def make_room(self, policy: "RetentionPolicy", infos: Optional[builtins.list[CheckpointInfo]] = None) -> builtins.list[int]:
         """A save failed for lack of space: delete what the policy would prune once it commits.
 
         The policy is applied as if one more checkpoint were committed; the newest valid
@@ -371,7 +372,8 @@ class CheckpointManager:
             self.delete(info.step)
         return [info.step for info in doomed]
 
-    def debris(self, infos: Optional[list[CheckpointInfo]] = None, below: Optional[int] = None) -> list[tuple[int, Optional[str]]]:
+    def debris(self, infos: Optional[builtins.list[CheckpointInfo]] = None,
+               below: Optional[int] = None) -> builtins.list[tuple[int, Optional[str]]]:
         """What garbage collection would remove: (step, file name), or (step, None) for a folder.
 
         Debris is: folders without a manifest and folders whose manifest does not check out,
@@ -391,7 +393,7 @@ class CheckpointManager:
                 found.append((info.step, None))
         return found
 
-    def collect_garbage(self, infos: Optional[list[CheckpointInfo]] = None, below: Optional[int] = None) -> list[str]:
+    def collect_garbage(self, infos: Optional[builtins.list[CheckpointInfo]] = None, below: Optional[int] = None) -> builtins.list[str]:
         """Remove the `debris` of dead or losing writers; returns what was removed, for the log."""
         removed = []
         for step, name in self.debris(infos, below):

@@ -11,11 +11,11 @@ import hashlib
 import re
 from typing import Any, Iterable, Optional, Union
 
-Buffer = Union[bytes, bytearray, memoryview]
-_BOUNCE = 1 << 20
-
 from resilient_train.checkpoint.jsonio import describe, dumps_json, loads_json
 from resilient_train.errors import CheckpointError
+
+Buffer = Union[bytes, bytearray, memoryview]
+_BOUNCE = 1 << 20
 
 FORMAT_NAME = "resilient_train.checkpoint"
 # 2: data files carry their save attempt's token (`path` in each file record); write-once commit.
@@ -32,7 +32,7 @@ _HEX = {"crc32c": re.compile(r"[0-9a-f]{8}"), "sha256": re.compile(r"[0-9a-f]{64
 try:
     import google_crc32c
 except ImportError:  # pragma: no cover - google-crc32c is a dependency; keep working without it
-    google_crc32c = None
+    google_crc32c = None  # type: ignore[assignment]  # callers check for None
 
 
 class FormatTooNewError(CheckpointError):

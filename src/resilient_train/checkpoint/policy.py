@@ -49,7 +49,7 @@ class SavePolicy:
 
     def time_due(self) -> bool:
         """This process's clock says `every_minutes` have passed since the last save."""
-        return bool(self.every_minutes) and time.monotonic() - self.last_save >= self.every_minutes * 60
+        return bool(self.every_minutes and time.monotonic() - self.last_save >= self.every_minutes * 60)
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

@@ -118,7 +118,8 @@ class CommitProtocol:
 
     def _begin(self, step: int) -> Optional[str]:
         """None when the step is committed and valid already; else this attempt's token."""
-        before_delete = (lambda: self.lease.check(f"to replace the broken checkpoint at step {step}")) if self.lease else None
+        lease = self.lease
+        before_delete = (lambda: lease.check(f"to replace the broken checkpoint at step {step}")) if lease else None
         if not self.manager.prepare(step, before_delete=before_delete):
             return None
         return new_token()

@@ -8,7 +8,7 @@ Kept: the newest `keep_last`, the best `keep_best` by `monitor`, every multiple 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from resilient_train.checkpoint.manager import COMMITTED, CheckpointInfo
 
@@ -22,9 +22,9 @@ class RetentionPolicy:
     keep_every_n_steps: Optional[int] = None
 
     @classmethod
-    def from_config(cls, ck: object) -> "RetentionPolicy":
+    def from_config(cls, ck: Any) -> "RetentionPolicy":
         return cls(
-            keep_last=getattr(ck, "keep_last"),
+            keep_last=ck.keep_last,
             keep_best=getattr(ck, "keep_best", None),
             monitor=getattr(ck, "monitor", None),
             mode=getattr(ck, "mode", "min"),
@@ -41,8 +41,9 @@ class RetentionPolicy:
         keep = {i.step for i in committed[-self.keep_last:]} | {committed[-1].step}
         if self.keep_every_n_steps:
             keep |= {i.step for i in committed if i.step % self.keep_every_n_steps == 0}
-        if self.keep_best and self.monitor:
-            scored = [i for i in committed if isinstance(i.metrics.get(self.monitor), (int, float))]
-            scored.sort(key=lambda i: i.metrics[self.monitor], reverse=self.mode == "max")
+        monitor = self.monitor
+        if self.keep_best and monitor:
+            scored = [i for i in committed if isinstance(i.metrics.get(monitor), (int, float))]
+            scored.sort(key=lambda i: i.metrics[monitor], reverse=self.mode == "max")
             keep |= {i.step for i in scored[: self.keep_best]}
         return [i for i in committed if i.step not in keep]

@@ -200,7 +200,8 @@ class CheckpointSaver:
         self.failures += 1
         last = self.last_path or "none yet"
         if outcome.traceback:
-            log.debug("checkpoint at step %d failed in phase %s:\n%s", outcome.step, outcome.phase and outcome.phase.value, outcome.traceback)
+            log.debug("checkpoint at step %d failed in phase %s:\n%s",
+                      outcome.step, outcome.phase and outcome.phase.value, outcome.traceback)
         if final or self.failures >= self.ck.max_consecutive_failures:
             raise CheckpointError(
                 f"checkpoint at step {outcome.step} failed ({outcome.error}); "

@@ -88,7 +88,9 @@ def deserialize(data: Buffer, name: str = "tensor file") -> dict[str, torch.Tens
     except CheckpointError:
         raise
     except Exception as exc:  # a case the checks missed (MemoryError included): still the file's defect
-        raise CheckpointError(f"{name} cannot be read as a safetensors file ({type(exc).__name__}); the file is corrupt or not ours") from exc
+        raise CheckpointError(
+            f"{name} cannot be read as a safetensors file ({type(exc).__name__}); the file is corrupt or not ours"
+        ) from exc
 
 
 def _deserialize(data: Buffer, name: str) -> dict[str, torch.Tensor]:
@@ -124,7 +126,7 @@ def _deserialize(data: Buffer, name: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{name}: data section is {body} bytes, header describes {position}")
     buffer = data if not isinstance(data, bytes) else bytearray(data)
     tensors = {}
-    for start, end, key, dtype, shape in entries:
+    for start, _end, key, dtype, shape in entries:
         count = math.prod(shape)
         if count == 0:
             tensors[key] = torch.empty(shape, dtype=dtype)
@@ -136,6 +138,8 @@ def _deserialize(data: Buffer, name: str) -> dict[str, torch.Tensor]:
 def _entry(name: str, key: str, spec: Any) -> tuple[torch.dtype, list[int], int, int]:
     """(dtype, shape, start, end) of one header entry, each of the type the format requires."""
     ok = isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and spec["dtype"] in _CODES
+    shape: Any
+    offsets: Any
     shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if ok else (None, None)
     ok = ok and isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_count(d) for d in shape)
     ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)

@@ -45,7 +45,8 @@ class BackgroundWriter:
                 try:
                     stage()
                 except Exception as exc:  # noqa: BLE001 - reported as this save's outcome
-                    self._outcome = SaveOutcome(step, Result.FAILED, error=f"copying the state to host memory failed: {type(exc).__name__}: {exc}")
+                    self._outcome = SaveOutcome(step, Result.FAILED,
+                                                error=f"copying the state to host memory failed: {type(exc).__name__}: {exc}")
                     return
                 finally:
                     staged.set()

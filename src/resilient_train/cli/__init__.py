@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = _Parser(
         prog="resilient_train",
@@ -63,42 +63,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command="ls")
 
     p = sub.add_parser("export", parents=[common], help="write the model weights alone as safetensors",
-                       description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to OUT, keys as in your model.")
+                       description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to "
+                                   "OUT, keys as in your model.")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("out", metavar="OUT.safetensors")
     p.set_defaults(command="export")
     p = sub.add_parser("verify", parents=[common], help="re-read every byte of checkpoints against their manifests",
-                       description="Check every file of TARGET (a run: all its checkpoints; or one checkpoint folder) against the sizes and checksums in its manifest. Exit 1 naming the broken files.")
+                       description="Check every file of TARGET (a run: all its checkpoints; or one checkpoint folder) against the sizes "
+                                   "and checksums in its manifest. Exit 1 naming the broken files.")
     p.add_argument("target", metavar="TARGET")
     p.set_defaults(command="verify")
 
     p = sub.add_parser("sync", parents=[common], help="copy a run between storages, verifying what arrives",
-                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and every committed checkpoint, each file verified at DST and committed there with the manifest last. A checkpoint DST already holds is never overwritten; a DST that has moved past SRC, or holds a different run, is refused.")
+                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and "
+                                   "every committed checkpoint, each file verified at DST and committed there with the manifest last. A "
+                                   "checkpoint DST already holds is never overwritten; a DST that has moved past SRC, or holds a different "
+                                   "run, is refused.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--force", action="store_true",
-                   help="replace DST's config, sessions and logs even when DST has moved past SRC (committed checkpoints are never overwritten)")
+                   help="replace DST's config, sessions and logs even when DST has moved past SRC "
+                        "(committed checkpoints are never overwritten)")
     p.set_defaults(command="sync")
 
     p = sub.add_parser("inspect", parents=[common], help="show a run's or checkpoint's metadata",
-                       description="Show TARGET's metadata: step, config, sessions, the environment each checkpoint was written in, precision, world size.")
+                       description="Show TARGET's metadata: step, config, sessions, the environment each checkpoint was written in, "
+                                   "precision, world size.")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(command="inspect")
 
     p = sub.add_parser("plot", parents=[common], help="draw loss, lr and throughput across a run's sessions",
-                       description="Draw RUN's loss, learning rate and throughput against step into OUT.png, each session shaded and labelled with its machine and precision, resume points marked. Needs matplotlib (pip install 'resilient_train[plot]').")
+                       description="Draw RUN's loss, learning rate and throughput against step into OUT.png, each session shaded and "
+                                   "labelled with its machine and precision, resume points marked. Needs matplotlib (pip install "
+                                   "'resilient_train[plot]').")
     p.add_argument("run", metavar="RUN")
     p.add_argument("out", metavar="OUT.png")
     p.set_defaults(command="plot")
 
     p = sub.add_parser("env", parents=[common], help="show torch, CUDA, GPU and the precision `auto` would choose",
-                       description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the precision trainer.precision=auto would choose here.")
+                       description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the "
+                                   "precision trainer.precision=auto would choose here.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(command="env")
 
     p = sub.add_parser("check-resume", parents=[common], help="check that TASK resumes bit-exactly: straight vs interrupted runs",
-                       description="Train TASK N steps straight and the same N steps interrupted (SIGKILL at a save boundary, SIGKILL and SIGTERM between saves, each resumed), in a temporary folder, then compare weights, optimizer state, RNG streams, data position and losses. Prints bit-exact (exit 0) or the first difference and its likely cause (exit 1).")
+                       description="Train TASK N steps straight and the same N steps interrupted (SIGKILL at a save boundary, SIGKILL and "
+                                   "SIGTERM between saves, each resumed), in a temporary folder, then compare weights, optimizer state, "
+                                   "RNG streams, data position and losses. Prints bit-exact (exit 0) or the first difference and its "
+                                   "likely cause (exit 1).")
     p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="steps of each run (default 20, at least 10)")
     p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")

@@ -83,7 +83,6 @@ def _resolve_checkpoint(target: str) -> tuple[CheckpointManager, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     from resilient_train.checkpoint import format as fmt
     from resilient_train.checkpoint import tensorfile
-
     from resilient_train.checkpoint.manager import load_newest_valid
 
     manager, info = _resolve_checkpoint(args.target)
@@ -110,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -218,7 +217,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if ck.get("metrics"):
         print("  metrics: " + " ".join(f"{k}={v:.4g}" for k, v in ck["metrics"].items()))
     if ck.get("environment"):
-        print(f"  written on: {_machine(ck['environment'])}, torch {ck['environment'].get('torch')}, python {ck['environment'].get('python')}")
+        print(f"  written on: {_machine(ck['environment'])}, torch {ck['environment'].get('torch')}, "
+              f"python {ck['environment'].get('python')}")
     return 0
 
 

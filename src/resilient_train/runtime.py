@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import atexit
-from typing import Optional
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 from lightning_fabric import Fabric
@@ -11,6 +14,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from resilient_train.config import TrainerConfig
 from resilient_train.errors import UsageError
+
+log = logging.getLogger("resilient_train")
 
 
 def auto_precision(accelerator: str = "auto") -> str:
@@ -71,3 +76,34 @@ def _destroy_process_groups() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - exiting anyway; a peer that is gone cannot be waited for
             pass
+
+
+def join_elastic_process_group(fabric: Fabric) -> None:
+    """Under torchrun, join the process group through store keys unique to this restart.
+
+    torchelastic restarts a failed worker group with the same store (the agent's) and the same
+    group names, so a restarted worker can read a dead worker's address left by the previous
+    attempt, connect to nothing and fail ("Gloo connectFullMesh failed ... Connection refused")
+    with whichever rank came second. Prefixing every key with the restart count keeps attempts
+    apart. Fabric then finds the group initialised and uses it.
+    """
+    import torch.distributed as dist
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or fabric.world_size <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    strategy: Any = fabric.strategy
+    environment = strategy.cluster_environment
+    rank, world = environment.global_rank(), environment.world_size()
+    timeout = getattr(strategy, "_timeout", None) or timedelta(minutes=30)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
+    store = dist.TCPStore(environment.main_address, environment.main_port, world, is_master=not agent_store and rank == 0,
+                          timeout=timeout, multi_tenant=not agent_store)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    prefixed = dist.PrefixStore(f"resilient_train/{run_id}/attempt-{restart}/", store)
+    backend_of = getattr(strategy, "_get_process_group_backend", None)
+    backend = backend_of() if callable(backend_of) else ("nccl" if fabric.device.type == "cuda" else "gloo")
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = environment.main_address, str(environment.main_port)
+    if restart != "0" and rank == 0:
+        log.info("torchrun restarted the worker group (restart %s, %d processes): continuing the run", restart, world)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)

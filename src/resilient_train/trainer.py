@@ -39,7 +39,7 @@ from resilient_train.microbatch import AUTO, MicroBatchFit, device_name, split_b
 from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
-from resilient_train.runtime import build_fabric, release_process_groups_at_exit, resolve_precision
+from resilient_train.runtime import build_fabric, join_elastic_process_group, release_process_groups_at_exit, resolve_precision
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -109,6 +109,7 @@ class Trainer:
             cfg = self.config.trainer
             self.precision = resolve_precision(cfg.precision, cfg.accelerator)
             self.fabric = build_fabric(cfg, self.precision)
+            join_elastic_process_group(self.fabric)
             self.fabric.launch()
             if self.fabric.world_size > 1:
                 release_process_groups_at_exit()

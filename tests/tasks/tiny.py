@@ -8,16 +8,20 @@ parameters so checkpoints are large and a save takes long enough to be killed in
 `task.oom_above` makes the step raise torch.OutOfMemoryError, after the forward pass (so dropout
 has drawn its masks), when it gets more samples than that, on every `task.oom_every`-th call (so
 an earlier chunk of the same optimizer step may already have put gradients in place): what a
-smaller GPU does to a micro-batch that fit a larger one.
+smaller GPU does to a micro-batch that fit a larger one. `task.kill_at` SIGKILLs the process
+of global rank `task.kill_rank` at that call, in the first incarnation of a torchrun worker group
+only (TORCHELASTIC_RESTART_COUNT 0): a worker that dies, for torchrun to restart.
 """
 
+import os
+import signal
 import time
 
 import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -48,6 +52,9 @@ def build(cfg):
         calls[0] += 1
         if t.fail_at and calls[0] == t.fail_at:
             raise RuntimeError(f"task bug at call {calls[0]}")
+        if t.kill_at and calls[0] == t.kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" \
+                and int(os.environ.get("RANK", "0")) == t.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         if log_path:
             with open(log_path, "a") as f:
                 f.write(" ".join(str(int(i)) for i in batch["index"]) + "\n")

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, TINY_TASK, cli_env, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

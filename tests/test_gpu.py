@@ -6,6 +6,7 @@ run with `pytest -m gpu`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,28 @@ def test_gradient_checkpointing_lowers_peak_memory(tmp_path: Path) -> None:
         return torch.cuda.max_memory_allocated()
 
     assert peak(True) < 0.8 * peak(False)
+
+
+def test_auto_micro_batch_finds_a_size_under_real_memory_pressure(tmp_path: Path) -> None:
+    """A cap on this process's GPU memory stands in for a smaller GPU: 64 samples need ~4 GiB of
+    activations, the cap leaves ~2 GiB, so `auto` must come down to 16 or less and finish."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2 * 2**30) / total))
+    try:
+        def memory_hungry_step(model: nn.Module, batch) -> torch.Tensor:
+            x, y = batch
+            activations = torch.empty(len(x), 16 * 2**20, device=x.device)  # 64 MiB per sample
+            return nn.functional.mse_loss(model(x).float(), y) + 0 * activations[:, 0].sum()
+
+        seed_everything(0)
+        trainer = Trainer(run_dir=str(tmp_path / "run"), max_steps=6, batch_size=64, every_n_steps=3, precision="32-true",
+                          accelerator="cuda", devices=1, progress_bar=False, micro_batch_size="auto")
+        result = trainer.fit(_model(), lambda p: torch.optim.AdamW(p, lr=1e-3), _data(), training_step=memory_hungry_step)
+        assert result.step == 6
+        recorded = (tmp_path / "run" / "micro_batch.json").read_text()
+        size = next(iter(json.loads(recorded).values()))
+        assert 1 <= size <= 16
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
 from safetensors.torch import load_file
 
-from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
 from resilient_train.config import TrainerConfig
 from resilient_train.errors import ConfigError
 from resilient_train.microbatch import batch_length, split_batch

@@ -76,6 +76,15 @@ def test_fit_resumes_automatically_and_continues_to_new_max_steps(tmp_path: Path
     assert result.resumed_from == 6 and result.step == 9
 
 
+def test_a_finished_run_fitted_again_reports_the_losses_of_its_last_checkpoint(tmp_path: Path) -> None:
+    """A notebook's "run all" after the run finished: nothing is trained, and the loss is not None."""
+    seed_everything(0)
+    first = _fit(tmp_path / "run", LossModel(), _data(), max_steps=6)
+    again = _fit(tmp_path / "run", LossModel(), _data(), max_steps=6)
+    assert again.resumed_from == 6 and again.step == 6
+    assert first.loss is not None and again.loss == first.loss
+
+
 def test_validation_and_metrics_are_logged_as_csv(tmp_path: Path) -> None:
     trainer = Trainer(run_dir=str(tmp_path / "run"), max_steps=8, batch_size=8, every_n_steps=4, log_every_n_steps=2,
                       val_every_n_steps=4, progress_bar=False, accelerator="cpu")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Trainer:
         self.fabric: Optional[Fabric] = None
         self.precision: Optional[str] = None
         self._run_prepared = False
+        self._checkpoint_metrics: dict[str, Any] = {}  # loss and val_loss recorded with the checkpoint resumed from
         self.config_changes: list[ConfigChange] = []  # vs the stored config (api.py): labels and session record
 
     # -- set-up --------------------------------------------------------------------------------
@@ -232,8 +234,10 @@ class Trainer:
         def capture() -> fmt.Snapshot:
             return state_lib.capture(model, optimizer, scheduler, scaler, progress)
 
-        last_loss: Optional[float] = None
-        val_loss: Optional[float] = None
+        # until this session logs its own, the losses are those of the checkpoint it resumed from:
+        # a finished run that is run again reports them instead of None
+        last_loss = _finite(self._checkpoint_metrics.get("loss"))
+        val_loss = _finite(self._checkpoint_metrics.get("val_loss"))
         window_start, window_steps = time.perf_counter(), 0
         agreement = StepAgreement(fabric.world_size, rank)
         with _closing(bar, metrics, agreement):
@@ -408,6 +412,8 @@ class Trainer:
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
+        recorded = loaded.manifest.get("metrics")
+        self._checkpoint_metrics = dict(recorded) if isinstance(recorded, dict) else {}
         # a shuffled run keeps the order algorithm it started with (checkpoints before feistel-v1: randperm)
         batch_layout["order"] = saved_order(loaded.manifest.get("order"), batch_layout.get("order") != SEQUENTIAL)
         now = {"world_size": fabric.world_size, "precision": self.precision, "environment": fingerprint(), **batch_layout,
@@ -545,6 +551,13 @@ def _validate(fabric: Fabric, model: Any, loader: Any, step_fn: StepFn, max_batc
             log.warning("after validation: %s", problem)
     total = _all_reduce(fabric, total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _finite(value: Any) -> Optional[float]:
+    """A recorded metric as a float, or None when it is missing or not a finite number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _all_reduce(fabric: Fabric, tensor: torch.Tensor, op: str) -> torch.Tensor:

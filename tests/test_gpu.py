@@ -120,7 +120,7 @@ def test_auto_micro_batch_finds_a_size_under_real_memory_pressure(tmp_path: Path
     try:
         def memory_hungry_step(model: nn.Module, batch) -> torch.Tensor:
             x, y = batch
-            activations = torch.empty(len(x), 16 * 2**20, device=x.device)  # 64 MiB per sample
+            activations = torch.zeros(len(x), 16 * 2**20, device=x.device)  # 64 MiB per sample
             return nn.functional.mse_loss(model(x).float(), y) + 0 * activations[:, 0].sum()
 
         seed_everything(0)

@@ -29,6 +29,7 @@ def test_stop_signals_accept_short_names_and_numbers() -> None:
     (["SIGKILL"], "cannot be caught"),
     (["SIGUSR9"], "not a signal name"),
     (["SIGCHLD"], "not a request to stop"),
+    (["SIGCONT"], "not a request to stop"),  # SLURM sends it around a suspend/resume
     ([], "at least one signal"),
 ])
 def test_a_stop_signal_that_cannot_work_is_refused_naming_the_key(value: list, says: str) -> None:
@@ -38,12 +39,19 @@ def test_a_stop_signal_that_cannot_work_is_refused_naming_the_key(value: list, s
 
 
 def test_the_handlers_of_the_configured_signals_are_restored_afterwards() -> None:
-    before = signal.getsignal(signal.SIGUSR1)
+    before, term_before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with StopRequest(["SIGUSR1"]) as stop:
-        assert signal.getsignal(signal.SIGTERM) is not stop._handle  # only what was asked for
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle
+        assert signal.getsignal(signal.SIGTERM) == term_before  # only what was asked for
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.reason == "SIGUSR1"
-    assert signal.getsignal(signal.SIGUSR1) is before
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_one_signal_name_alone_is_a_list_of_one() -> None:
+    from resilient_train.config import resolve
+
+    assert resolve({"checkpoint": {"stop_signals": "usr1"}}).checkpoint.stop_signals == ["SIGUSR1"]
 
 
 @pytest.mark.slow

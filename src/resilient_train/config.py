@@ -118,7 +118,7 @@ class CheckpointConfig:
     mirror: Optional[str] = None  # a second storage each checkpoint is copied to in the background
     session_budget: str = "auto"  # e.g. 11h30m: save and exit 75 before it runs out; auto = Colab's limit on Colab
     # signals that mean "save and exit 75": SLURM's `--signal=USR1@300` needs SIGUSR1 here
-    stop_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
+    stop_signals: Any = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # a list, or one name
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps)

@@ -161,6 +161,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
             return 0
         return left if left >= self.world_size else 0
 
+    def local_count(self, take: int) -> int:
+        """Samples of a global batch of `take` samples that land on this rank."""
+        if take == self.global_batch:
+            return self.batch_size
+        per, extra = divmod(take, self.world_size)
+        return per + (1 if self.rank < extra else 0)
+
     def __len__(self) -> int:
         left = max(0, self.num_samples - self.cursor)
         tail = left % self.global_batch
@@ -398,6 +405,7 @@ class BatchStream:
         self.epoch = 0
         self.cursor = 0
         self.last_consumed = 0  # samples (all ranks) the last micro-batch took
+        self.last_local = 0  # of which on this rank: the length of the batch `next` returned
         self._iterator: Optional[Iterator[Any]] = None
 
     def seek(self, epoch: int, cursor: int) -> None:
@@ -419,6 +427,7 @@ class BatchStream:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 continue
             self.last_consumed = self.sampler.consumed(self.cursor)
+            self.last_local = self.sampler.local_count(self.last_consumed)
             self.cursor += self.last_consumed
             return batch
         raise RuntimeError("the data loader yielded no batch for a whole epoch")  # guarded by the sampler's own check

@@ -6,11 +6,14 @@ rank per micro-step, in the same order, with the same per-batch seeds. What chan
 loaded batch goes through the model: in chunks of `trainer.micro_batch_size` samples along
 dimension 0, each chunk's loss weighted by its share of the batch, gradients accumulated. So the
 samples per optimizer step and the order in which they are seen stay exactly those of the run
-(sample-exact); only the floating-point summation order of the gradient differs.
+(sample-exact). For a loss that is a mean over the batch's samples only the floating-point
+summation order of the gradient differs; a summed loss, a mean over tokens of uneven lengths or
+layers that couple the samples of a batch (BatchNorm, in-batch negatives) see smaller batches.
 
 With `trainer.micro_batch_size=auto` a step that runs out of memory is retried from its start
-with chunks half as large: the failed attempt's gradients are dropped, the RNG streams are put
-back where the step began (dropout draws the same masks again), and nothing was logged yet. The
+with chunks half as large: the failed attempt's gradients are dropped, the RNG streams and the
+module buffers (BatchNorm statistics) are put back where the step began (dropout draws the same
+masks again), and nothing was logged yet. The
 size found is kept per device name in `RUN/micro_batch.json`, so the next session on a T4 starts
 at the size that fit the T4 last time instead of running out of memory again.
 """
@@ -34,63 +37,71 @@ RECORD = "micro_batch.json"
 AUTO = "auto"
 
 
-def batch_length(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor (searched in mappings and sequences)."""
-    found = _first_tensor(batch)
-    if found is None:
-        raise UsageError(
-            f"trainer.micro_batch_size needs batches that hold tensors to split along dimension 0; "
-            f"got a {type(batch).__name__} without any"
-        )
-    return int(found.shape[0])
+def split_batch(batch: Any, samples: int, size: int) -> list[tuple[Any, int]]:
+    """The batch of `samples` samples cut into chunks of `size` along its sample dimension.
 
-
-def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return batch if batch.dim() > 0 else None
-    if isinstance(batch, Mapping):
-        items: Any = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        items = batch
-    else:
-        return None
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def split_batch(batch: Any, size: int) -> list[tuple[Any, int]]:
-    """The batch cut into chunks of `size` samples along dimension 0, each with its sample count.
-
-    Tensors and lists whose length is the batch's are cut; anything else (a 0-d tensor, a string,
-    a list of another length) is handed to every chunk unchanged. Mappings keep their type where
-    it can be rebuilt from a dict (a Hugging Face BatchEncoding can), tuples and named tuples too.
+    The sample count comes from the sampler, not from the batch, so nothing is guessed: a tensor
+    whose first dimension is `samples` is cut; a list or tuple of `samples` items that are not
+    themselves batch-shaped tensors (strings, per-sample target dicts, images of their own sizes)
+    is cut item-wise; mappings, tuples and lists of fields are walked. Anything else (a 0-d tensor,
+    a string, a tensor of another length) goes to every chunk unchanged. A batch in which nothing
+    has `samples` along a first dimension is refused: it cannot be split without guessing.
     """
-    n = batch_length(batch)
-    if size >= n:
-        return [(batch, n)]
-    return [(_slice(batch, n, lo, min(lo + size, n)), min(lo + size, n) - lo) for lo in range(0, n, size)]
+    if size >= samples:
+        return [(batch, samples)]
+    bounds = [(lo, min(lo + size, samples)) for lo in range(0, samples, size)]
+    found = [False]
+    chunks = [(_slice(batch, samples, lo, hi, found), hi - lo) for lo, hi in bounds]
+    if not found[0]:
+        raise UsageError(
+            f"trainer.micro_batch_size: found nothing of {samples} samples along a first dimension in the "
+            f"{type(batch).__name__} batch, so it cannot be split; give batches of tensors (or mappings, tuples "
+            "or lists of them) with the samples along dimension 0, or unset trainer.micro_batch_size"
+        )
+    return chunks
 
 
-def _slice(value: Any, n: int, lo: int, hi: int) -> Any:
+def _fields(value: Any, n: int) -> bool:
+    """Whether a list/tuple holds fields of the batch (walked) rather than one item per sample (cut).
+
+    Of another length than `n` it can only hold fields; of length `n` it holds fields when every
+    item carries the batch dimension itself ((inputs, labels) with two samples), else samples.
+    """
+    return len(value) != n or all(_holds_batch(item, n) for item in value)
+
+
+def _holds_batch(value: Any, n: int) -> bool:
     if isinstance(value, torch.Tensor):
-        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
+        return value.dim() > 0 and value.shape[0] == n
     if isinstance(value, Mapping):
-        items = {key: _slice(item, n, lo, hi) for key, item in value.items()}
+        return any(_holds_batch(item, n) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_batch(item, n) for item in value)
+    return False
+
+
+def _slice(value: Any, n: int, lo: int, hi: int, found: list[bool]) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == n:
+            found[0] = True
+            return value[lo:hi]
+        return value
+    if isinstance(value, Mapping):
+        items = {key: _slice(item, n, lo, hi, found) for key, item in value.items()}
         rebuild: Any = type(value)
         try:
             return rebuild(items)
         except Exception:  # noqa: BLE001 - a mapping type that cannot be rebuilt from a dict
             return items
-    if isinstance(value, tuple):
-        items_t = [_slice(item, n, lo, hi) for item in value]
-        return type(value)(*items_t) if hasattr(value, "_fields") else type(value)(items_t)
-    if isinstance(value, list):
-        if len(value) == n and not any(isinstance(item, torch.Tensor) for item in value):
-            return value[lo:hi]  # per-sample items: strings, ids
-        return [_slice(item, n, lo, hi) for item in value]
+    if isinstance(value, (list, tuple)):
+        if _fields(value, n):
+            parts = [_slice(item, n, lo, hi, found) for item in value]
+        else:  # one item per sample
+            found[0] = True
+            parts = list(value[lo:hi])
+        if isinstance(value, tuple):
+            return type(value)(*parts) if hasattr(value, "_fields") else type(value)(parts)
+        return parts
     return value
 
 

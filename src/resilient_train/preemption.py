@@ -16,9 +16,9 @@ from types import FrameType
 from typing import Any, Optional
 
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT")
-# the process cannot catch these, or they already mean something the loop relies on
-_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
-_RESERVED = {"SIGCHLD", "SIGPIPE", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}
+# signals a scheduler or a person sends to ask a job to end; the others report faults, children,
+# terminals or timers (SLURM sends SIGCONT around a resume), and must keep their own meaning
+_STOPPABLE = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGXCPU", "SIGPWR")
 
 
 def parse_signal(name: Any) -> signal.Signals:
@@ -35,10 +35,11 @@ def parse_signal(name: Any) -> signal.Signals:
             sig = signal.Signals[full]
         except KeyError:
             raise ValueError(f"{name!r} is not a signal name (e.g. SIGTERM, SIGINT, SIGUSR1)") from None
-    if sig.name in _UNCATCHABLE:
+    if sig.name in ("SIGKILL", "SIGSTOP"):
         raise ValueError(f"{sig.name} cannot be caught by a process; use SIGTERM or SIGUSR1")
-    if sig.name in _RESERVED:
-        raise ValueError(f"{sig.name} reports a fault or a child process, not a request to stop")
+    if sig.name not in _STOPPABLE:
+        allowed = ", ".join(name for name in _STOPPABLE if hasattr(signal, name))
+        raise ValueError(f"{sig.name} is not a request to stop (it reports a fault, a child, a terminal or a timer); use one of {allowed}")
     return sig
 
 

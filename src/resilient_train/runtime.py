@@ -106,4 +106,7 @@ def join_elastic_process_group(fabric: Fabric) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = environment.main_address, str(environment.main_port)
     if restart != "0" and rank == 0:
         log.info("torchrun restarted the worker group (restart %s, %d processes): continuing the run", restart, world)
-    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    extra: dict[str, Any] = {}
+    if fabric.device.type == "cuda":  # as Fabric does: NCCL starts eagerly on this rank's own GPU
+        extra["device_id"] = fabric.device
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout, **extra)

@@ -234,10 +234,8 @@ class Trainer:
         def capture() -> fmt.Snapshot:
             return state_lib.capture(model, optimizer, scheduler, scaler, progress)
 
-        # until this session logs its own, the losses are those of the checkpoint it resumed from:
-        # a finished run that is run again reports them instead of None
-        last_loss = _finite(self._checkpoint_metrics.get("loss"))
-        val_loss = _finite(self._checkpoint_metrics.get("val_loss"))
+        last_loss: Optional[float] = None  # measured in this session: what its checkpoints record
+        val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
         agreement = StepAgreement(fabric.world_size, rank)
         with _closing(bar, metrics, agreement):
@@ -302,6 +300,11 @@ class Trainer:
                     _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
                     raise TrainingStopped(step, stop.reason or "signal", rank=rank)
             saver.finish()
+        # a session that logged nothing (a finished run fitted again) reports the checkpoint's losses
+        if last_loss is None:
+            last_loss = _finite(self._checkpoint_metrics.get("loss"))
+        if val_loss is None:
+            val_loss = _finite(self._checkpoint_metrics.get("val_loss"))
         return last_loss, val_loss
 
     def _micro_batch_fit(self, fabric: Fabric, loaded: int, run: Storage) -> Optional[MicroBatchFit]:
@@ -310,6 +313,8 @@ class Trainer:
         if setting is None:
             return None
         if setting == AUTO and fabric.world_size > 1:
+            if fabric.global_rank != 0:  # rank 0 says it in one line
+                raise SystemExit(UsageError.exit_code)
             raise UsageError(
                 "trainer.micro_batch_size=auto needs a single process: under DDP an out-of-memory error on one rank "
                 "would leave the others waiting in the gradient all-reduce; set trainer.micro_batch_size=N instead"
@@ -326,24 +331,32 @@ class Trainer:
                       batch_layout: dict[str, Any]) -> torch.Tensor:
         """Forward and backward of one optimizer step's batches in chunks; (auto) retried smaller on OOM.
 
-        The step's batches are loaded once and kept on the host, so a retry sees the same samples;
-        the RNG streams go back to the step's start and the failed attempt's gradients are dropped.
+        With `auto` the step's batches are loaded once and kept on the host, so a retry sees the
+        same samples; the RNG streams and the model's buffers (BatchNorm statistics) go back to
+        the step's start and the failed attempt's gradients are dropped.
         """
-        batches = []
-        for _ in range(micro_batches):
-            batches.append(stream.next())
+        def load() -> tuple[Any, int]:
+            batch = stream.next()
             progress.samples_seen += stream.last_consumed
-        rng = state_lib.capture_rng() if chunking.auto else None
+            return batch, stream.last_local
+
+        if not chunking.auto:
+            return self._run_chunks(fabric, model, step_fn, (load() for _ in range(micro_batches)), micro_batches, chunking.size)
+        batches = [load() for _ in range(micro_batches)]
+        rng = state_lib.capture_rng()
+        buffers = [buffer.detach().clone() for buffer in model.buffers()]
         while True:
             error = None
             try:
-                return self._run_chunks(fabric, model, step_fn, batches, chunking.size)
+                return self._run_chunks(fabric, model, step_fn, iter(batches), micro_batches, chunking.size)
             except torch.OutOfMemoryError as exc:
-                if not chunking.auto:
-                    raise
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else "OutOfMemoryError"
             # out of the except block: the traceback and the tensors it kept alive are gone
             optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # trainable parameters the optimizer does not hold, too
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             for problem in state_lib.restore_rng(rng):
@@ -353,18 +366,23 @@ class Trainer:
             saver.meta["device_micro_batch"] = chunking.size  # what the next checkpoint records
 
     @staticmethod
-    def _run_chunks(fabric: Fabric, model: Any, step_fn: StepFn, batches: list[Any], size: int) -> torch.Tensor:
-        """Accumulate gradients over every chunk; each chunk's loss weighs by its share of its batch."""
+    def _run_chunks(fabric: Fabric, model: Any, step_fn: StepFn, batches: Iterator[tuple[Any, int]], micro_batches: int,
+                    size: int) -> torch.Tensor:
+        """Accumulate gradients over every chunk; each chunk's loss weighs by its share of its batch.
+
+        Exact for a loss that is a mean over the samples of the batch (the usual case); a sum, a
+        mean over tokens of uneven lengths or layers that couple the samples of a batch (BatchNorm,
+        in-batch negatives) see a different objective in chunks (see trainer.micro_batch_size).
+        """
         loss_sum = torch.zeros((), device=fabric.device)
-        for index, batch in enumerate(batches):
-            chunks = split_batch(batch, size)
-            total = sum(count for _, count in chunks)
+        for index, (batch, samples) in enumerate(batches):
+            chunks = split_batch(batch, samples, size)
             for number, (chunk, count) in enumerate(chunks):
-                syncing = index == len(batches) - 1 and number == len(chunks) - 1
+                syncing = index == micro_batches - 1 and number == len(chunks) - 1
                 with fabric.no_backward_sync(model, enabled=not syncing):
                     loss = step_fn(model, fabric.to_device(chunk))
-                    weight = count / total
-                    fabric.backward(loss / len(batches) if count == total else loss * weight / len(batches))
+                    weight = count / samples
+                    fabric.backward(loss / micro_batches if count == samples else loss * weight / micro_batches)
                 loss_sum += loss.detach() * weight
         return loss_sum
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test-plain`: the package as a user installs it. A fresh venv with torch==2.13.0 (the CPU
-# build) and a plain `pip install .` (no extras: no numpy, no pytest, no emulator), then every core
+# build where the package index serves it, as on the project VM) and a plain `pip install .` (no extras: no numpy, no pytest, no emulator), then every core
 # command on a tiny task: run, ls, verify, inspect, export, resume. Exits non-zero on the first
 # failure; prints one line per command.
 set -euo pipefail
@@ -31,10 +31,10 @@ check() {  # check NAME COMMAND...: the command must succeed, or the check fails
   local name="$1"; shift
   if "$@"; then echo "plain install: $name ok"; else echo "plain install: $name FAILED" >&2; exit 1; fi
 }
-check ls bash -c 'RT ls "$RUN" | grep -q committed'
-check verify bash -c 'RT verify "$RUN" | grep -q ": ok"'
-check inspect bash -c 'RT inspect "$RUN" --json | grep -q "\"checkpoint\""'
+check ls bash -o pipefail -c 'RT ls "$RUN" > "$WORK/ls.out" && grep -q committed "$WORK/ls.out"'
+check verify bash -o pipefail -c 'RT verify "$RUN" > "$WORK/verify.out" && grep -q ": ok" "$WORK/verify.out" && ! grep -q BROKEN "$WORK/verify.out"'
+check inspect bash -o pipefail -c 'RT inspect "$RUN" --json > "$WORK/inspect.out" && grep -q "\"checkpoint\"" "$WORK/inspect.out"'
 check export bash -c 'RT export "$RUN" "$WORK/model.safetensors" 2>/dev/null && test -s "$WORK/model.safetensors"'
 RT resume "$RUN" trainer.max_steps=9 >/dev/null 2>"$WORK/resume.err" || { tail -20 "$WORK/resume.err"; exit 1; }
-check resume bash -c 'RT ls "$RUN" | grep -qE "^ +9 +committed"'
+check resume bash -o pipefail -c 'RT ls "$RUN" > "$WORK/ls2.out" && grep -qE "^ +9 +committed" "$WORK/ls2.out"'
 echo "plain install: every core command works without the dev extras"

@@ -2,8 +2,11 @@
 
 Each figure is the median wall time of `--reps` fresh interpreter processes (what a user waits for
 when they type the command), measured in the same run as the baseline: a bare `python -c pass` and
-`python -c "import lightning_fabric"` (which imports torch). `ls` and `verify` run on a small run
-folder made first. Goal: `ls`/`verify` well under a second, `import resilient_train` light.
+`python -c "import lightning_fabric"` (which imports torch). The commands take turns: each
+repetition runs every command once, in an order rotated from one repetition to the next, and the
+ratio to `import lightning_fabric` is the median of the per-repetition ratios. `ls` and `verify` run
+on a small run folder made first. Goal: `ls`/`verify` well under a second, `import resilient_train`
+light.
 
     .venv/bin/python bench/startup.py [--reps 7]
 """
@@ -21,13 +24,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(args: list[str], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -49,12 +49,18 @@ def main() -> int:
             ("python -m resilient_train ls RUN", [py, "-m", "resilient_train", "ls", run]),
             ("python -m resilient_train verify RUN", [py, "-m", "resilient_train", "verify", run]),
         ]
-        results = [(name, timed(cmd, args.reps)) for name, cmd in rows]
-    base = dict(results)["import lightning_fabric (baseline)"]
+        times: dict[str, list[float]] = {name: [] for name, _ in rows}
+        for rep in range(args.reps):
+            shift = rep % len(rows)
+            for name, cmd in rows[shift:] + rows[:shift]:
+                times[name].append(timed(cmd))
+    base = times["import lightning_fabric (baseline)"]
+    med = statistics.median
     print(f"median of {args.reps} fresh processes each; python {sys.version.split()[0]}")
     print(f"{'what':<40} {'seconds':>8} {'vs import lightning_fabric':>28}")
-    for name, seconds in results:
-        print(f"{name:<40} {seconds:>8.3f} {seconds / base:>27.2f}x")
+    for name, seconds in times.items():
+        ratio = med(t / b for t, b in zip(seconds, base, strict=True))
+        print(f"{name:<40} {med(seconds):>8.3f} {ratio:>27.2f}x")
     return 0
 
 

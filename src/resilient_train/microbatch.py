@@ -147,7 +147,8 @@ class MicroBatchFit:
         self._remember()
 
     def _records(self) -> dict[str, Any]:
-        assert self.run is not None
+        if self.run is None:  # ranks other than 0 keep no record
+            return {}
         try:
             if not self.run.exists(RECORD):
                 return {}

@@ -272,7 +272,8 @@ class RunFolder:
 
 def _task_files(task: Task) -> dict[str, bytes]:
     """The entry file and the ASSETS of a task, by snapshot name, read from the task's folder."""
-    assert task.source is not None
+    if task.source is None:
+        raise UsageError("this task has no source file to snapshot; give `run` a task file (see docs/cli.md#run)")
     folder = os.path.dirname(task.source)
     with open(task.source, "rb") as f:
         files = {os.path.basename(task.source): f.read()}

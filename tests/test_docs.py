@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, cli_env
 from resilient_train.cli import build_parser
-from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
+from resilient_train.config import CheckpointConfig, LoggingConfig, RunConfig, TrainerConfig
 
 
 def _blocks(text: str, lang: str) -> list[str]:
@@ -46,8 +46,9 @@ def test_every_cli_command_is_in_the_cli_reference() -> None:
 
 def test_every_config_key_is_in_the_configuration_reference() -> None:
     reference = (REPO / "docs" / "configuration.md").read_text()
-    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("trainer", "checkpoint", "task")]
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("trainer", "checkpoint", "logging", "task")]
     keys += [f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig)]
     keys += [f"checkpoint.{f.name}" for f in dataclasses.fields(CheckpointConfig)]
+    keys += [f"logging.{f.name}" for f in dataclasses.fields(LoggingConfig)]
     missing = [key for key in keys if f"`{key}`" not in reference]
     assert not missing, f"config keys missing from docs/configuration.md: {missing}"

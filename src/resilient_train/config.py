@@ -40,6 +40,7 @@ class TrainerConfig:
     """How to train: steps, batch, hardware, precision and the loop's optional extras."""
 
     max_steps: int = 1000
+    max_epochs: Optional[int] = None  # also stop at the end of this epoch (whichever of the two comes first)
     batch_size: int = 32  # per device (micro-batch)
     # samples per forward/backward on the device: None = batch_size; N splits each batch into chunks
     # of N (same samples, less memory); auto halves it whenever a step runs out of memory
@@ -59,9 +60,11 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     num_workers: int = 0
     progress_bar: bool = True
+    gpu_stats: bool = True  # per log window: peak memory (CUDA), utilisation/temperature (NVML), process memory
 
     def __post_init__(self) -> None:
         _positive("trainer.max_steps", self.max_steps, allow_none=False)
+        _positive("trainer.max_epochs", self.max_epochs)
         _positive("trainer.batch_size", self.batch_size, allow_none=False)
         if isinstance(self.micro_batch_size, str) and self.micro_batch_size.strip().lower() == "auto":
             self.micro_batch_size = "auto"
@@ -159,6 +162,31 @@ def _signal_names(value: Any) -> list:
         raise ConfigError("checkpoint.stop_signals", str(exc)) from None
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides `logs/metrics.csv`: experiment trackers that every session of the
+    run (on any machine) continues, because their run ids live in the run folder."""
+
+    trackers: Any = field(default_factory=list)  # any of tensorboard, mlflow, wandb (a list, or one name)
+    project: Optional[str] = None  # MLflow experiment / W&B project; default: the run folder's name
+    tensorboard_dir: Optional[str] = None  # default: <run_dir>/logs/tensorboard (local run folders only)
+    mlflow_tracking_uri: Optional[str] = None  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    wandb_mode: Optional[str] = None  # online | offline | disabled; default: W&B's own (WANDB_MODE)
+
+    def __post_init__(self) -> None:
+        items = [self.trackers] if isinstance(self.trackers, str) else list(self.trackers or [])
+        names = [str(item).strip().lower() for item in items if str(item).strip()]
+        unknown = [name for name in names if name not in TRACKERS]
+        if unknown:
+            raise ConfigError("logging.trackers", f"unknown tracker {unknown[0]!r}; use any of {', '.join(TRACKERS)}")
+        self.trackers = list(dict.fromkeys(names))
+        if self.wandb_mode is not None and self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ConfigError("logging.wandb_mode", f"must be online, offline or disabled, got {self.wandb_mode!r}")
+
+
 @dataclass
 class RunConfig:
     """The whole resolved config of a run, as stored in `run.yaml`."""
@@ -167,6 +195,7 @@ class RunConfig:
     seed: int = 0
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     task: dict = field(default_factory=dict)  # the user's own keys, free-form
 
     def __post_init__(self) -> None:
@@ -183,14 +212,15 @@ class RunConfig:
         return OmegaConf.to_yaml(self.to_dictconfig())
 
     def hash(self) -> str:
-        """A short digest of everything that shapes the training result (run_dir excluded)."""
+        """A short digest of everything that shapes the training result (run_dir and logging excluded)."""
         data = cast(dict[str, Any], OmegaConf.to_container(self.to_dictconfig(), resolve=True))
         data.pop("run_dir", None)
+        data.pop("logging", None)  # where metrics go does not shape the result
         text = OmegaConf.to_yaml(OmegaConf.create(data))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig}
+_SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -245,7 +275,7 @@ def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
     for name, value in kwargs.items():
         if name in ("run_dir", "seed"):
             layer[name] = value
-        elif name in ("trainer", "checkpoint", "task"):
+        elif name in ("trainer", "checkpoint", "logging", "task"):
             section = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else dict(value)
             layer.setdefault(name, {}).update(section)
         else:
@@ -291,6 +321,7 @@ def load_run_yaml(text: str) -> DictConfig:
 _FREE_TRAINER_KEYS = frozenset({
     "max_steps", "accelerator", "strategy", "precision", "gradient_checkpointing", "checkpoint_modules",
     "val_every_n_steps", "val_batches", "log_every_n_steps", "num_workers", "progress_bar", "micro_batch_size",
+    "max_epochs", "gpu_stats",
 })
 # keys that set the batch layout: free while `trainer.global_batch_size` is set and unchanged (the
 # trainer then derives accumulation so the samples per optimizer step stay the same)
@@ -331,7 +362,7 @@ def _guarded(key: str, stored: RunConfig, new: RunConfig) -> bool:
     if key == "seed" or key.startswith("task."):
         return True
     section, _, name = key.partition(".")
-    if section == "checkpoint":
+    if section in ("checkpoint", "logging"):
         return False
     if section == "trainer" and name in _FREE_TRAINER_KEYS:
         return False

@@ -412,6 +412,11 @@ class BatchStream:
         self.epoch, self.cursor = epoch, cursor
         self._iterator = None
 
+    @property
+    def completed_epochs(self) -> int:
+        """Full passes behind: the current epoch counts once its last batch has been taken."""
+        return self.epoch + (1 if self.sampler.consumed(self.cursor) == 0 else 0)
+
     def next(self) -> Any:
         """The next micro-batch; the cursor advances by one global batch."""
         for _ in range(2):

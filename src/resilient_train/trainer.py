@@ -30,10 +30,12 @@ from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
+from resilient_train.console import ensure_log_handler
 from resilient_train.data import SEQUENTIAL, BatchStream, build_eval_loader, build_loader, saved_order
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
+from resilient_train.gpu_stats import DeviceStats
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.metrics import MetricsLogger
 from resilient_train.microbatch import AUTO, MicroBatchFit, device_name, split_batch
@@ -41,12 +43,14 @@ from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
 from resilient_train.runtime import build_fabric, join_elastic_process_group, release_process_groups_at_exit, resolve_precision
+from resilient_train.step_metrics import MetricWindow, split_output
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
 log = logging.getLogger("resilient_train")
 
-StepFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+# (model, batch) -> loss, or a mapping {"loss": loss, "accuracy": ..., ...} of scalars to log too
+StepFn = Callable[[torch.nn.Module, Any], Any]
 # How long an exception leaving the loop waits for a background save to commit before it goes on.
 EXIT_WAIT_SECONDS = 600.0
 
@@ -155,7 +159,7 @@ class Trainer:
         Raises `TrainingStopped` (a SystemExit with code 75) after SIGTERM/SIGINT, once the
         checkpoint of the step it stopped at is committed.
         """
-        _ensure_log_handler()
+        ensure_log_handler()
         cfg = self.config
         tcfg = cfg.trainer
         fabric = self.launch()
@@ -237,22 +241,25 @@ class Trainer:
         last_loss: Optional[float] = None  # measured in this session: what its checkpoints record
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
+        window = MetricWindow()  # what training_step returns besides the loss
+        device_stats = DeviceStats(fabric.device) if tcfg.gpu_stats and rank == 0 else None
         agreement = StepAgreement(fabric.world_size, rank)
         with _closing(bar, metrics, agreement):
-            while progress.step < tcfg.max_steps:
+            while progress.step < tcfg.max_steps and not _epochs_done(tcfg, stream):
                 if chunking is None:
                     loss_sum = torch.zeros((), device=fabric.device)
                     for micro in range(micro_batches):
                         batch = fabric.to_device(stream.next())
                         syncing = micro == micro_batches - 1
                         with fabric.no_backward_sync(model, enabled=not syncing):
-                            loss = step_fn(model, batch)
+                            loss, extras = split_output(step_fn(model, batch))
                             fabric.backward(loss / micro_batches)
                         loss_sum += loss.detach()
+                        window.add(extras)
                         progress.samples_seen += stream.last_consumed
                 else:
                     loss_sum = self._chunked_step(fabric, model, optimizer, step_fn, stream, progress, micro_batches,
-                                                  chunking, saver, batch_layout)
+                                                  chunking, saver, batch_layout, window)
                 saver.before_update()  # a background save finishes copying the state first
                 if tcfg.gradient_clip_val is not None:
                     fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
@@ -267,22 +274,27 @@ class Trainer:
                 saver.on_step_end()  # surfaces a background save's outcome
 
                 step = progress.step
-                if step % tcfg.log_every_n_steps == 0 or step == tcfg.max_steps:
+                last_step = step == tcfg.max_steps or _epochs_done(tcfg, stream)
+                if step % tcfg.log_every_n_steps == 0 or last_step:
                     last_loss = _all_reduce(fabric, loss_sum / micro_batches, "mean").item()
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * batch_layout["global_batch"] / elapsed if elapsed > 0 else float("nan")
                     window_start, window_steps = time.perf_counter(), 0
                     lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    mean = (lambda t: _all_reduce(fabric, t, "mean")) if fabric.world_size > 1 else None
+                    extra = {**window.read(mean, fabric.device), **(device_stats.read() if device_stats is not None else {})}
+                    if rank == 0:
+                        _show_window(bar, tcfg, step, progress.epoch, last_loss, lr, extra)
                     if metrics is not None:
-                        metrics.log(step, epoch=progress.epoch, loss=last_loss, lr=lr, samples_per_sec=round(rate, 2))
+                        metrics.log(step, epoch=progress.epoch, loss=last_loss, lr=lr, samples_per_sec=round(rate, 2), **extra)
                 if val_loader is not None and (
-                    (tcfg.val_every_n_steps and step % tcfg.val_every_n_steps == 0) or step == tcfg.max_steps
+                    (tcfg.val_every_n_steps and step % tcfg.val_every_n_steps == 0) or last_step
                 ):
                     val_loss = _validate(fabric, model, val_loader, step_fn, tcfg.val_batches)
                     best = progress.best.get("val_loss")
                     if best is None or val_loss < best:
                         progress.best["val_loss"] = val_loss
+                    _info(fabric, f"step {step}: val_loss {val_loss:.4f}")
                     if metrics is not None:
                         metrics.log(step, epoch=progress.epoch, val_loss=val_loss)
 
@@ -290,15 +302,16 @@ class Trainer:
                     stop.request("session budget")
                 # no host sync per step: under DDP these are the flags all ranks raised a step ago
                 stopping, time_due = agreement.exchange(stop.reason is not None, saver.policy.time_due())
-                final = stopping or step == tcfg.max_steps
+                final = stopping or last_step
                 if final or saver.due(step, time_due):
                     if metrics is not None:  # before the commit: a kill right after it loses no rows
                         metrics.flush()
                     saver.save(step, capture, {"loss": last_loss, "val_loss": val_loss}, final=final)
                 if stopping:
                     saver.finish()
-                    _info(fabric, f"stopped by {stop.reason or 'another rank'} at step {step}; checkpoint committed, resume to continue")
-                    raise TrainingStopped(step, stop.reason or "signal", rank=rank)
+                    stopped = TrainingStopped(step, stop.reason or "another rank", rank=rank)
+                    _info(fabric, str(stopped))  # the one line that says it (the CLI prints nothing more)
+                    raise stopped
             saver.finish()
         # a session that logged nothing (a finished run fitted again) reports the checkpoint's losses
         if last_loss is None:
@@ -328,7 +341,7 @@ class Trainer:
 
     def _chunked_step(self, fabric: Fabric, model: Any, optimizer: Any, step_fn: StepFn, stream: BatchStream,
                       progress: state_lib.Progress, micro_batches: int, chunking: MicroBatchFit, saver: CheckpointSaver,
-                      batch_layout: dict[str, Any]) -> torch.Tensor:
+                      batch_layout: dict[str, Any], window: MetricWindow) -> torch.Tensor:
         """Forward and backward of one optimizer step's batches in chunks; (auto) retried smaller on OOM.
 
         With `auto` the step's batches are loaded once and kept on the host, so a retry sees the
@@ -341,14 +354,18 @@ class Trainer:
             return batch, stream.last_local
 
         if not chunking.auto:
-            return self._run_chunks(fabric, model, step_fn, (load() for _ in range(micro_batches)), micro_batches, chunking.size)
+            return self._run_chunks(fabric, model, step_fn, (load() for _ in range(micro_batches)), micro_batches, chunking.size,
+                                    window)
         batches = [load() for _ in range(micro_batches)]
         rng = state_lib.capture_rng()
         buffers = [buffer.detach().clone() for buffer in model.buffers()]
         while True:
             error = None
+            attempt = MetricWindow()  # a failed attempt's metrics are dropped with its gradients
             try:
-                return self._run_chunks(fabric, model, step_fn, iter(batches), micro_batches, chunking.size)
+                loss_sum = self._run_chunks(fabric, model, step_fn, iter(batches), micro_batches, chunking.size, attempt)
+                window.merge(attempt)
+                return loss_sum
             except torch.OutOfMemoryError as exc:
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else "OutOfMemoryError"
             # out of the except block: the traceback and the tensors it kept alive are gone
@@ -367,7 +384,7 @@ class Trainer:
 
     @staticmethod
     def _run_chunks(fabric: Fabric, model: Any, step_fn: StepFn, batches: Iterator[tuple[Any, int]], micro_batches: int,
-                    size: int) -> torch.Tensor:
+                    size: int, window: MetricWindow) -> torch.Tensor:
         """Accumulate gradients over every chunk; each chunk's loss weighs by its share of its batch.
 
         Exact for a loss that is a mean over the samples of the batch (the usual case); a sum, a
@@ -380,10 +397,11 @@ class Trainer:
             for number, (chunk, count) in enumerate(chunks):
                 syncing = index == micro_batches - 1 and number == len(chunks) - 1
                 with fabric.no_backward_sync(model, enabled=not syncing):
-                    loss = step_fn(model, fabric.to_device(chunk))
+                    loss, extras = split_output(step_fn(model, fabric.to_device(chunk)))
                     weight = count / samples
                     fabric.backward(loss / micro_batches if count == samples else loss * weight / micro_batches)
                 loss_sum += loss.detach() * weight
+                window.add(extras, weight)
         return loss_sum
 
     def _resume(self, fabric: Fabric, managers: list[CheckpointManager], model: Any, optimizer: Any, scheduler: Any, scaler: Any,
@@ -505,6 +523,24 @@ def _closing(bar: Any, metrics: Optional[MetricsLogger], agreement: StepAgreemen
             metrics.close()
 
 
+def _epochs_done(cfg: Any, stream: Any) -> bool:
+    """Whether `trainer.max_epochs` full passes over the data are behind (never, when unset)."""
+    return cfg.max_epochs is not None and stream.completed_epochs >= cfg.max_epochs
+
+
+def _show_window(bar: Any, cfg: Any, step: int, epoch: int, loss: float, lr: float, extra: dict[str, float]) -> None:
+    """A log window's figures: on the bar's postfix, or as one line when there is no bar."""
+    memory = extra.get("gpu_mem_peak_gb", extra.get("cpu_mem_gb"))
+    shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+    shown.update({name: f"{value:.4g}" for name, value in extra.items() if not name.startswith(("gpu_", "cpu_"))})
+    if memory is not None:
+        shown["mem"] = f"{memory:.2f}G"
+    if cfg.progress_bar:
+        bar.set_postfix(shown, refresh=False)
+    else:  # no bar: a long run must still say how it is doing
+        log.info("step %d/%d (epoch %d) %s", step, cfg.max_steps, epoch, " ".join(f"{k} {v}" for k, v in shown.items()))
+
+
 def _duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -560,7 +596,7 @@ def _validate(fabric: Fabric, model: Any, loader: Any, step_fn: StepFn, max_batc
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
-                total[0] += step_fn(model, fabric.to_device(batch)).float()
+                total[0] += split_output(step_fn(model, fabric.to_device(batch)))[0].float()
                 total[1] += 1
     finally:
         for module, training in modes:
@@ -608,13 +644,3 @@ def _progress_bar(fabric: Fabric, cfg: Any, initial: int) -> Any:
 def _info(fabric: Fabric, message: str) -> None:
     if fabric.global_rank == 0:
         log.info(message)
-
-
-def _ensure_log_handler() -> None:
-    """Make the library's messages visible in scripts and notebooks unless the user configured logging."""
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("resilient_train: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False

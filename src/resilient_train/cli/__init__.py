@@ -135,7 +135,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="resilient_train: %(message)s", stream=sys.stderr)
+    from resilient_train.console import FORMAT, AboveTheBar
+
+    handler = AboveTheBar(sys.stderr)  # messages above the progress bar, never inside it
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     for noisy in ("lightning_fabric", "lightning", "fsspec", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     # gcsfs logs every exhausted retry as an ERROR with a traceback; our own retry lines and the
@@ -147,9 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from resilient_train.cli import commands  # after parsing: usage errors stay fast
 
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
-    except TrainingStopped as stopped:
-        if stopped.rank == 0:
-            print(f"resilient_train: {stopped}", file=sys.stderr)
+    except TrainingStopped as stopped:  # the trainer has said where it stopped, in one line
         return stopped.code
     except ResilientTrainError as exc:
         if debug:

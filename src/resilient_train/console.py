@@ -1,0 +1,35 @@
+"""Messages of the library on a console that also shows a progress bar.
+
+Log lines go through `tqdm.write`, which lifts the bar, prints the line and redraws the bar below
+it: a checkpoint or validation message never lands inside the bar's line, in a terminal or in a
+notebook cell.
+"""
+
+from __future__ import annotations
+
+import logging
+
+FORMAT = "resilient_train: %(message)s"
+
+
+class AboveTheBar(logging.StreamHandler):
+    """A StreamHandler that writes each message on its own line above any tqdm bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise into the training loop
+            self.handleError(record)
+
+
+def ensure_log_handler() -> None:
+    """Make the library's messages visible in scripts and notebooks unless the user configured logging."""
+    log = logging.getLogger("resilient_train")
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = AboveTheBar()
+        handler.setFormatter(logging.Formatter(FORMAT))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -97,8 +97,8 @@ class AutoAsync:
         cost = (self.copy_stall or 0.0) + self._extra
         self.decided = cost < (self.sync_stall or 0.0)
         (log.info if self.verbose else log.debug)(
-            "async_save=auto: a sync save stalled training %.3fs, an async one %.3fs (copy %.3fs + slower steps %.3fs); using %s saves",
-            self.sync_stall or 0.0, cost, self.copy_stall or 0.0, self._extra, "async" if self.decided else "sync",
+            "async_save=auto: using %s saves (training stalled %.2fs in a sync save, %.2fs in an async one)",
+            "async" if self.decided else "sync", self.sync_stall or 0.0, cost,
         )
         return self.decided
 

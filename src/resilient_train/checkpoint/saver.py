@@ -196,6 +196,8 @@ class CheckpointSaver:
             self.failures, self.policy.retry = 0, False
             if outcome.path:
                 self.last_path = outcome.path
+                if self.rank == 0 and outcome.result is Result.COMMITTED:
+                    log.info("checkpoint step %d committed: %s", outcome.step, outcome.path)
             return
         self.failures += 1
         last = self.last_path or "none yet"

@@ -231,8 +231,33 @@ def _translate(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = _first_line(exc)
     if "Key '" in msg and "not in" in msg:
-        msg = "unknown key; see docs/configuration.md for the keys that exist"
+        near = nearest_key(key)
+        msg = f"unknown key; did you mean {near}?" if near else "unknown key; see docs/configuration.md for the keys that exist"
     return ConfigError(key, msg)
+
+
+def known_keys() -> list[str]:
+    """Every dotted config key (`task.*` is free-form and not listed)."""
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS and f.name != "task"]
+    for section, schema in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(schema)]
+    return keys
+
+
+def nearest_key(key: str) -> Optional[str]:
+    """The valid key a typo most likely meant (`trainer.max_step` -> `trainer.max_steps`), if any is close."""
+    import difflib
+
+    keys = known_keys()
+    names = {k.rsplit(".", 1)[-1]: k for k in keys}  # field names are unique across sections
+    name = key.rsplit(".", 1)[-1]
+    if name in names:  # the right name in the wrong section (or without one)
+        return names[name]
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if not match:
+        near = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
+        match = [names[near[0]]] if near else []
+    return match[0] if match else None
 
 
 def parse_overrides(items: Iterable[str]) -> DictConfig:
@@ -284,7 +309,9 @@ def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
                     layer.setdefault(section_name, {})[name] = value
                     break
             else:
-                raise UsageError(f"Trainer got an unknown argument '{name}'; see docs/configuration.md")
+                near = nearest_key(name)
+                hint = f"did you mean {near.rsplit('.', 1)[-1]}?" if near else "see docs/configuration.md"
+                raise UsageError(f"Trainer got an unknown argument '{name}'; {hint}")
     return layer
 
 

@@ -36,6 +36,7 @@ def resolve_precision(requested: str, accelerator: str) -> str:
 
 def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
     """A Fabric for this config; `launch()` is left to the caller (it may spawn processes)."""
+    _check_accelerator(cfg.accelerator)
     try:
         return Fabric(
             accelerator=cfg.accelerator,
@@ -47,6 +48,25 @@ def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
     except (MisconfigurationException, ValueError, TypeError) as exc:  # devices/strategy/precision this machine cannot do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"trainer settings do not fit this machine: {first}") from None
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """A GPU asked for by name on a machine without one: one line saying what to do (exit 2)."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise UsageError("trainer.accelerator=cuda but torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "use trainer.accelerator=auto (or cpu), or on a GPU machine install a CUDA build of torch "
+                         f"(this one is {torch.__version__})")
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator == "gpu" and not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
+        raise UsageError("trainer.accelerator=gpu but torch sees no GPU here; use trainer.accelerator=auto (or cpu), "
+                         "or on a GPU machine install a CUDA build of torch")
+
+
+def effective_precision(fabric: Fabric, requested: str) -> str:
+    """The precision Fabric really runs: it swaps 16-mixed for bf16-mixed on CPU, for one."""
+    plugin = getattr(getattr(fabric, "strategy", None), "precision", None)
+    value = getattr(plugin, "precision", None)
+    return value if isinstance(value, str) else requested
 
 
 def release_process_groups_at_exit() -> None:

@@ -42,7 +42,13 @@ from resilient_train.microbatch import AUTO, MicroBatchFit, device_name, split_b
 from resilient_train.portability import resume_report
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
-from resilient_train.runtime import build_fabric, join_elastic_process_group, release_process_groups_at_exit, resolve_precision
+from resilient_train.runtime import (
+    build_fabric,
+    effective_precision,
+    join_elastic_process_group,
+    release_process_groups_at_exit,
+    resolve_precision,
+)
 from resilient_train.step_metrics import MetricWindow, split_output
 from resilient_train.storage import Storage
 from resilient_train.task import Task
@@ -115,6 +121,7 @@ class Trainer:
             cfg = self.config.trainer
             self.precision = resolve_precision(cfg.precision, cfg.accelerator)
             self.fabric = build_fabric(cfg, self.precision)
+            self.precision = effective_precision(self.fabric, self.precision)  # what checkpoints and sessions record
             join_elastic_process_group(self.fabric)
             self.fabric.launch()
             if self.fabric.world_size > 1:

@@ -20,8 +20,27 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints usage plus an error and exits 2; we want one `error:` line, via UsageError."""
 
     def error(self, message: str) -> NoReturn:
+        prefix = "the following arguments are required: "
+        if message.startswith(prefix):
+            message = _missing(self.prog.split()[-1], [name for name in message[len(prefix):].split(", ") if name != "KEY=VALUE"])
         raise UsageError(f"{message} (see `python -m resilient_train {self.prog.split()[-1]} --help`)"
                          if " " in self.prog else f"{message} (see `python -m resilient_train --help`)")
+
+
+_EXAMPLES = {
+    "run": "python -m resilient_train run examples/char_gpt.py --run-dir runs/char trainer.max_steps=500",
+    "resume": "python -m resilient_train resume runs/char",
+    "check-resume": "python -m resilient_train check-resume examples/char_gpt.py",
+    "config": "python -m resilient_train config examples/char_gpt.py trainer.max_steps=500",
+}
+_WHAT = {"TASK": "TASK (a task file .py, or package.module, with build(cfg))", "RUN": "RUN (a run folder or URL)"}
+
+
+def _missing(command: str, names: list[str]) -> str:
+    """A missing positional argument, said with what it is and an example of the whole command."""
+    what = " and ".join(_WHAT.get(name, name) for name in names) or "more arguments"
+    example = _EXAMPLES.get(command)
+    return f"{command} needs {what}" + (f", e.g. `{example}`" if example else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "precision trainer.precision=auto would choose here.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(command="env")
+
+    p = sub.add_parser("config", parents=[common], help="print TASK's resolved config, each value with the layer it came from",
+                       description="Resolve TASK's config (defaults < the task's CONFIG < --config YAML < KEY=VALUE) and print every key "
+                                   "with its value and the layer that set it. Nothing is trained or written.")
+    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
+    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
+    p.add_argument("--run-dir", help="as for run")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for run")
+    p.set_defaults(command="config")
 
     p = sub.add_parser("check-resume", parents=[common], help="check that TASK resumes bit-exactly: straight vs interrupted runs",
                        description="Train TASK N steps straight and the same N steps interrupted (SIGKILL at a save boundary, SIGKILL and "

@@ -43,6 +43,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from resilient_train.config import load_yaml_layer, parse_overrides
+    from resilient_train.config_report import render, sourced_values
+    from resilient_train.task import load_task
+
+    layers: list[tuple[str, Any]] = [("task CONFIG", load_task(args.task).defaults)]
+    if args.config:
+        layers.append((f"--config {args.config}", load_yaml_layer(args.config)))
+    layers.append(("KEY=VALUE", parse_overrides(args.overrides)))
+    if args.run_dir:
+        layers.append(("--run-dir", {"run_dir": args.run_dir}))
+    print(render(sourced_values(layers)))
+    return 0
+
+
 def _require_run(url: str) -> Storage:
     storage = Storage(url)
     if not (storage.exists("run.yaml") or storage.exists("checkpoints")):

@@ -29,7 +29,8 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     proc = run(sys.executable, "quick.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step=200" in proc.stdout
-    for line in _blocks(readme, "bash")[1].strip().splitlines():
+    commands = next(block for block in _blocks(readme, "bash") if "run line_task.py" in block)
+    for line in commands.strip().splitlines():
         args = line.split("#")[0].split()
         assert args[:3] == ["python", "-m", "resilient_train"], line
         proc = run(sys.executable, *args[1:])

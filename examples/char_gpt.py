@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,11 @@ CONFIG: dict[str, Any] = {
         "n_embd": 96,
         "dropout": 0.1,
         "lr": 6e-3,  # peak learning rate; a model this small tolerates a high one
-        "min_lr_ratio": 0.1,  # the cosine decays to lr * min_lr_ratio at trainer.max_steps
+        "min_lr_ratio": 0.1,  # the cosine decays to lr * min_lr_ratio at the end of the schedule
+        # steps the schedule runs over; null: the run's first trainer.max_steps, kept in the
+        # scheduler's state, so `resume RUN trainer.max_steps=MORE` goes on at the final LR
+        # instead of jumping back up the cosine (see docs/configuration.md, "Extending a run")
+        "schedule_steps": None,
         "warmup": 30,  # steps of linear warmup
         "weight_decay": 0.1,
         "val_fraction": 0.1,  # the tail of the text held out for validation
@@ -319,21 +323,24 @@ def generate(
 
 
 # -- the task --------------------------------------------------------------------------------------
-def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup, then a cosine down to `min_ratio` at step `total`.
+class WarmupCosine:
+    """LR multiplier: linear warmup, then a cosine down to `min_ratio` at step `total`, flat after.
 
-    A plain function, not a callable object: LambdaLR's state_dict stores None for functions, so
-    the scheduler state stays JSON (its position is `last_epoch`; the function is rebuilt by
-    `build` on resume).
+    A callable object, not a closure, on purpose: LambdaLR's state_dict stores the attributes of
+    callable objects (plain numbers here, so the checkpoint stays JSON), and `load_state_dict` puts
+    them back. A resumed run thus keeps the horizon it started with even when `build` is called
+    with a larger `trainer.max_steps`: the extended steps continue at the final LR. A closure over
+    `max_steps` would be rebuilt for the new length and the LR would jump back up mid-run.
     """
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
 
-    return lr_factor
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build(cfg: Any) -> dict[str, Any]:
@@ -357,7 +364,8 @@ def build(cfg: Any) -> dict[str, Any]:
         ]
         return torch.optim.AdamW(groups, lr=float(t["lr"]), betas=(0.9, 0.99))
 
-    lr_factor = warmup_cosine(int(t["warmup"]), int(cfg.trainer.max_steps), float(t["min_lr_ratio"]))
+    horizon = int(t.get("schedule_steps") or cfg.trainer.max_steps)
+    lr_factor = WarmupCosine(int(t["warmup"]), horizon, float(t["min_lr_ratio"]))
 
     def training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch

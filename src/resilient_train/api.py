@@ -10,7 +10,7 @@ from resilient_train.config import ConfigChange, RunConfig, check_config_changes
 from resilient_train.errors import UsageError
 from resilient_train.run_folder import RunFolder
 from resilient_train.seeding import seed_everything
-from resilient_train.task import Task, load_task
+from resilient_train.task import BUILD_KEYS_NOT_FOR_FIT, Task, load_task
 
 log = logging.getLogger("resilient_train")
 
@@ -30,7 +30,7 @@ def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange
     trainer.prepare_run(task)
     seed_everything(cfg.seed)
     parts = task.build(cfg.to_dictconfig())
-    return trainer.fit(**parts)
+    return trainer.fit(**{k: v for k, v in parts.items() if k not in BUILD_KEYS_NOT_FOR_FIT})
 
 
 def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = None, overrides: Sequence[str] = (),

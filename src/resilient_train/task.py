@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator, Optional
 from resilient_train.errors import UsageError
 
 BUILD_KEYS_REQUIRED = ("model", "optimizer", "train_data")
-BUILD_KEYS_OPTIONAL = ("training_step", "scheduler", "val_data")
+BUILD_KEYS_OPTIONAL = ("training_step", "scheduler", "val_data", "tokenizer")
+BUILD_KEYS_NOT_FOR_FIT = ("tokenizer",)  # kept for `export --format hf`, not passed to Trainer.fit
 
 
 @dataclass

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any, Iterable
+import warnings
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -41,14 +42,17 @@ def blocks_to_checkpoint(model: nn.Module, class_names: Iterable[str] = ()) -> l
 
 
 def enable_gradient_checkpointing(model: nn.Module, class_names: Iterable[str] = ()) -> str:
-    """Turn checkpointing on; returns a short description of what was done."""
-    hf_enable = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(hf_enable):
-        if "gradient_checkpointing_kwargs" in inspect.signature(hf_enable).parameters:
-            hf_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:  # older transformers
-            hf_enable()
-        return "model's own gradient_checkpointing_enable()"
+    """Turn checkpointing on; returns a short description of what was done.
+
+    A model with its own switch (Hugging Face) uses it, because only the model knows which of its
+    layers to wrap and what else must change (input gradients for PEFT, the KV cache off).
+    transformers 5.x names it `activation_checkpointing_enable` and deprecates
+    `gradient_checkpointing_enable` (removed in v6): the new name first, the old one for older
+    versions, non-reentrant either way.
+    """
+    own = _own_switch(model)
+    if own is not None:
+        return own
     blocks = blocks_to_checkpoint(model, class_names)
     if not blocks:
         raise UsageError(
@@ -59,3 +63,22 @@ def enable_gradient_checkpointing(model: nn.Module, class_names: Iterable[str] =
         if "forward" not in vars(block):
             block.forward = types.MethodType(_checkpointed_forward, block)
     return f"{len(blocks)} block(s) of type {sorted({type(b).__name__ for b in blocks})}"
+
+
+def _own_switch(model: nn.Module) -> Optional[str]:
+    """Call the model's own checkpointing switch when it has one; None when it has none."""
+    for name, kwargs_name in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                              ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if not callable(enable):
+            continue
+        with warnings.catch_warnings():
+            # a model class that still overrides the deprecated method is reached through it by
+            # transformers itself; that is the model's business, not a warning for the user
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+            if kwargs_name in inspect.signature(enable).parameters:
+                enable(**{kwargs_name: {"use_reentrant": False}})
+            else:  # older transformers, or a model's own switch without options
+                enable()
+        return f"model's own {name}()"
+    return None

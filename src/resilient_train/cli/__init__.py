@@ -81,11 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(command="ls")
 
-    p = sub.add_parser("export", parents=[common], help="write the model weights alone as safetensors",
+    p = sub.add_parser("export", parents=[common], help="write the model weights alone (safetensors), or a Hugging Face folder",
                        description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to "
-                                   "OUT, keys as in your model.")
+                                   "OUT, keys as in your model. With --format hf, OUT is a folder that Hugging Face's from_pretrained "
+                                   "loads (config, weights, tokenizer; a PEFT model's adapter files), the model rebuilt from the run's "
+                                   "task snapshot; needs pip install 'resilient_train[hf]'.")
     p.add_argument("target", metavar="TARGET")
-    p.add_argument("out", metavar="OUT.safetensors")
+    p.add_argument("out", metavar="OUT", help="OUT.safetensors, or a folder with --format hf")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors (default): one file of weights; hf: a save_pretrained folder")
     p.set_defaults(command="export")
     p = sub.add_parser("verify", parents=[common], help="re-read every byte of checkpoints against their manifests",
                        description="Check every file of TARGET (a run: all its checkpoints; or one checkpoint folder) against the sizes "

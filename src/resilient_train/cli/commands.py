@@ -96,20 +96,11 @@ def _resolve_checkpoint(target: str) -> tuple[CheckpointManager, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from resilient_train.checkpoint import format as fmt
+    if args.format == "hf":
+        return _export_hf(args)
     from resilient_train.checkpoint import tensorfile
-    from resilient_train.checkpoint.manager import load_newest_valid
 
-    manager, info = _resolve_checkpoint(args.target)
-    wanted = {fmt.MODEL_FILE, fmt.STATE_JSON}
-    if info is not None:  # one checkpoint named: its defects are the answer
-        loaded = manager.load(info, wanted)
-        model = fmt.decode_model(loaded.files)
-    else:  # a run: the newest checkpoint whose weights decode
-        found = load_newest_valid([manager], wanted, decode=lambda c: fmt.decode_model(c.files))
-        if found is None:
-            raise NotFoundError(f"no valid checkpoint in '{args.target}'")
-        _, loaded, model = found
+    _, step, model = _load_weights(args.target)
     seen: dict[int, str] = {}
     tensors = {}
     for key, tensor in model.items():  # tied weights become independent copies, as safetensors requires
@@ -118,10 +109,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     out_dir, out_name = posixpath.split(args.out)
     # our own safetensors writer: the safetensors package imports numpy to save, and a plain
     # install (a minimal image, a CI container) may have no numpy
-    chunks = tensorfile.serialize(tensors, metadata={"step": str(loaded.info.step)})
+    chunks = tensorfile.serialize(tensors, metadata={"step": str(step)})
     Storage(out_dir or ".").write_bytes(list(chunks.chunks), out_name)
-    print(f"exported {len(tensors)} tensors from step {loaded.info.step} to {args.out}", file=sys.stderr)
+    print(f"exported {len(tensors)} tensors from step {step} to {args.out}", file=sys.stderr)
     return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from resilient_train.export_hf import export_hf, require_transformers
+
+    require_transformers()  # before any checkpoint is read
+    manager, step, model = _load_weights(args.target)
+    done = export_hf(manager.run, model, args.out)
+    what = f"{done.model_class} adapter (PEFT)" if done.adapter else done.model_class
+    print(f"exported {what} from step {step} to {args.out}: {', '.join(done.files)}", file=sys.stderr)
+    return 0
+
+
+def _load_weights(target: str) -> tuple[CheckpointManager, int, Any]:
+    """The model weights of TARGET (a checkpoint folder, or a run's newest valid checkpoint) and their step."""
+    from resilient_train.checkpoint import format as fmt
+    from resilient_train.checkpoint.manager import load_newest_valid
+
+    manager, info = _resolve_checkpoint(target)
+    wanted = {fmt.MODEL_FILE, fmt.STATE_JSON}
+    if info is not None:  # one checkpoint named: its defects are the answer
+        loaded = manager.load(info, wanted)
+        model = fmt.decode_model(loaded.files)
+    else:  # a run: the newest checkpoint whose weights decode
+        found = load_newest_valid([manager], wanted, decode=lambda c: fmt.decode_model(c.files))
+        if found is None:
+            raise NotFoundError(f"no valid checkpoint in '{target}'")
+        _, loaded, model = found
+    return manager, loaded.info.step, model
 
 
 def _size(n: float) -> str:

@@ -309,3 +309,52 @@ def test_export_hf_of_a_plain_torch_model_is_one_line_exit_2(tmp_path: Path) -> 
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "not a Hugging Face model" in lines[0] and "--format safetensors" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_hf_to_a_url_writes_the_same_files(straight_run: Path, tmp_path: Path) -> None:
+    import fsspec
+    from transformers import AutoModelForCausalLM
+
+    url = "memory://hf-export/lm"
+    assert main(["export", str(straight_run), url, "--format", "hf"]) == 0
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find("/hf-export/lm"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    local = tmp_path / "copy"
+    fs.get("/hf-export/lm/", str(local), recursive=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(local))
+    _assert_same(dict(loaded.state_dict()), _weights(straight_run, tmp_path))
+
+
+def test_export_hf_finds_the_one_hf_model_a_model_wraps_and_refuses_others() -> None:
+    transformers = pytest.importorskip("transformers")
+    from resilient_train.errors import UsageError
+    from resilient_train.export_hf import _hf_model
+
+    def gpt2() -> Any:
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2,
+                                                                    n_positions=8))
+
+    plain = gpt2()
+    assert _hf_model(plain) is plain
+    wrapper = torch.nn.Module()
+    wrapper.backbone, wrapper.head = gpt2(), torch.nn.Linear(16, 2)
+    assert _hf_model(wrapper) is wrapper.backbone
+    wrapper.teacher = gpt2()
+    with pytest.raises(UsageError, match="holds 2 Hugging Face models"):
+        _hf_model(wrapper)
+    with pytest.raises(UsageError, match="not a Hugging Face model"):
+        _hf_model(torch.nn.Linear(2, 2))
+
+
+def test_export_hf_refuses_to_write_into_a_run_or_checkpoint_folder(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("transformers")
+    for marker in ("run.yaml", "manifest.json"):
+        target = tmp_path / marker.split(".")[0]
+        target.mkdir()
+        (target / marker).write_text("{}\n")
+        code = main(["export", str(tmp_path / "any-run"), str(target), "--format", "hf"])
+        lines = error_lines(capsys.readouterr().err)
+        assert code == 2 and len(lines) == 1 and "export into another folder" in lines[0]
+        assert os.listdir(target) == [marker]

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -51,6 +52,15 @@ def require_transformers() -> None:
         raise UsageError(f"export --format hf needs the transformers package; install it with {INSTALL_HINT}")
 
 
+def check_target(out: str) -> Storage:
+    """OUT_DIR, refused when it is a run or a checkpoint folder (`model.safetensors` there is ours)."""
+    target = Storage(out)
+    for name in _NOT_A_TARGET:
+        if target.exists(name):
+            raise UsageError(f"'{out}' holds a run or checkpoint ({name}); export into another folder")
+    return target
+
+
 def export_hf(run: Storage, weights: dict[str, torch.Tensor], out: str) -> HFExport:
     """Rebuild the task's model from `run`, load `weights` into it and `save_pretrained` it to `out`.
 
@@ -60,10 +70,7 @@ def export_hf(run: Storage, weights: dict[str, torch.Tensor], out: str) -> HFExp
     model (the task snapshot was edited since).
     """
     require_transformers()
-    target = Storage(out)
-    for name in _NOT_A_TARGET:
-        if target.exists(name):
-            raise UsageError(f"'{out}' holds a run or checkpoint ({name}); export into another folder")
+    target = check_target(out)
     with tempfile.TemporaryDirectory(prefix="resilient_train_export_") as tmp:
         parts = _rebuild(run, os.path.join(tmp, "task"))
         model = parts["model"]
@@ -96,7 +103,14 @@ def _rebuild(run: Storage, task_dir: str) -> dict[str, Any]:
     os.makedirs(task_dir, exist_ok=True)
     task = load_task(folder.task_entry(local_dir=task_dir))
     seed_everything(cfg.seed)
-    return task.build(cfg.to_dictconfig())
+    try:
+        with warnings.catch_warnings():
+            # peft asks transformers 5.x for the deprecated `is_gradient_checkpointing`: noise here
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+            return task.build(cfg.to_dictconfig())
+    except ModuleNotFoundError as exc:
+        hint = f" ({INSTALL_HINT} installs transformers and peft)" if exc.name in ("transformers", "peft") else ""
+        raise UsageError(f"rebuilding the run's model for export needs the {exc.name} package{hint}") from None
 
 
 def _hf_classes() -> tuple[type, ...]:

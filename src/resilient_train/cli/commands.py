@@ -116,9 +116,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from resilient_train.export_hf import export_hf, require_transformers
+    from resilient_train.export_hf import check_target, export_hf, require_transformers
 
     require_transformers()  # before any checkpoint is read
+    check_target(args.out)
     manager, step, model = _load_weights(args.target)
     done = export_hf(manager.run, model, args.out)
     what = f"{done.model_class} adapter (PEFT)" if done.adapter else done.model_class

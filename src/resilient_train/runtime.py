@@ -42,12 +42,37 @@ def build_fabric(cfg: TrainerConfig, precision: Optional[str] = None) -> Fabric:
             accelerator=cfg.accelerator,
             devices=cfg.devices,
             strategy=cfg.strategy,
-            num_nodes=cfg.num_nodes,
+            num_nodes=elastic_num_nodes(cfg.num_nodes),
             precision=precision or resolve_precision(cfg.precision, cfg.accelerator),  # type: ignore[arg-type]  # Fabric checks it
         )
     except (MisconfigurationException, ValueError, TypeError) as exc:  # devices/strategy/precision this machine cannot do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"trainer settings do not fit this machine: {first}") from None
+
+
+def elastic_num_nodes(configured: int) -> int:
+    """The nodes torchrun's rendezvous gave this worker group, else `trainer.num_nodes`.
+
+    With an elastic node range (`torchrun --nnodes=1:2`) torchrun starts the worker group again on
+    whichever nodes are left, with the same command line, so `trainer.num_nodes` names the most
+    nodes, not the ones present; Fabric refuses a world size other than devices x num_nodes. The
+    round's world size (WORLD_SIZE over LOCAL_WORLD_SIZE processes per node) is the truth then.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_torchelastic_launched():
+        return configured
+    try:
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return configured
+    if local < 1 or world % local:
+        return configured  # nodes of different sizes: leave it to Fabric's own check and message
+    nodes = world // local
+    if nodes != configured and int(os.environ.get("RANK", "0")) == 0:
+        log.info("torchrun's rendezvous gave %d node(s) of %d process(es); trainer.num_nodes=%d is read as the most "
+                 "nodes: running on %d", nodes, local, configured, nodes)
+    return nodes
 
 
 def _check_accelerator(accelerator: str) -> None:
@@ -105,12 +130,21 @@ def join_elastic_process_group(fabric: Fabric) -> None:
     group names, so a restarted worker can read a dead worker's address left by the previous
     attempt, connect to nothing and fail ("Gloo connectFullMesh failed ... Connection refused")
     with whichever rank came second. Prefixing every key with the restart count keeps attempts
-    apart. Fabric then finds the group initialised and uses it.
+    apart. The world size joins the prefix because a node joining an elastic range (`--nnodes=1:2`)
+    restarts the group without counting a restart. Fabric then finds the group initialised and
+    uses it. A group of one process (the last node of an elastic range, one process per node) has
+    no peers to mix up: Fabric starts it as usual.
     """
     import torch.distributed as dist
 
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or fabric.world_size <= 1 or not dist.is_available() or dist.is_initialized():
+    if restart is None or not dist.is_available() or dist.is_initialized():
+        return
+    if restart != "0" and fabric.global_rank == 0:
+        world_now = fabric.world_size
+        log.info("torchrun restarted the worker group (restart %s, %d process%s): continuing the run",
+                 restart, world_now, "" if world_now == 1 else "es")
+    if fabric.world_size <= 1:
         return
     strategy: Any = fabric.strategy
     environment = strategy.cluster_environment
@@ -120,12 +154,10 @@ def join_elastic_process_group(fabric: Fabric) -> None:
     store = dist.TCPStore(environment.main_address, environment.main_port, world, is_master=not agent_store and rank == 0,
                           timeout=timeout, multi_tenant=not agent_store)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    prefixed = dist.PrefixStore(f"resilient_train/{run_id}/attempt-{restart}/", store)
+    prefixed = dist.PrefixStore(f"resilient_train/{run_id}/attempt-{restart}-world-{world}/", store)
     backend_of = getattr(strategy, "_get_process_group_backend", None)
     backend = backend_of() if callable(backend_of) else ("nccl" if fabric.device.type == "cuda" else "gloo")
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = environment.main_address, str(environment.main_port)
-    if restart != "0" and rank == 0:
-        log.info("torchrun restarted the worker group (restart %s, %d processes): continuing the run", restart, world)
     extra: dict[str, Any] = {}
     if fabric.device.type == "cuda":  # as Fabric does: NCCL starts eagerly on this rank's own GPU
         extra["device_id"] = fabric.device

@@ -1,4 +1,5 @@
-"""`plot RUN OUT.png`: a run's loss, learning rate and throughput across all of its sessions.
+"""`plot RUN OUT.png`: a run's loss, learning rate and throughput across all of its sessions, and
+one panel per other metric it logged (what `training_step` returned besides the loss, device stats).
 
 Each session (one process lifetime, e.g. one Colab VM) is shaded and labelled with its machine
 and precision, and resume points are marked, so one picture tells the story of a run that moved
@@ -43,6 +44,11 @@ class RunHistory:
     lr: dict[int, float]
     val_loss: dict[int, float]
     sessions: list[Session]
+    extra: dict[str, dict[int, float]] = field(default_factory=dict)  # other metrics, by name, in CSV order
+
+
+# columns drawn in the fixed panels, or not metrics at all
+_OWN_COLUMNS = frozenset({"session", "step", "epoch", "time", "loss", "lr", "samples_per_sec", "val_loss"})
 
 
 def _float(value: Optional[str]) -> Optional[float]:
@@ -78,12 +84,20 @@ def read_history(run: Storage) -> RunHistory:
     loss: dict[int, tuple[int, float]] = {}
     lr: dict[int, tuple[int, float]] = {}
     val: dict[int, tuple[int, float]] = {}
+    extra: dict[str, dict[int, tuple[int, float]]] = {}
     for row in rows:
         session, step = row["session"], row["step"]
         if session not in sessions:
             sessions[session] = Session(number=session, start_step=0, label="unknown machine")
         for table, key in ((loss, "loss"), (lr, "lr"), (val, "val_loss")):
             value = _float(row.get(key))
+            if value is not None and (step not in table or table[step][0] <= session):
+                table[step] = (session, value)
+        for key, text in row.items():
+            if key in _OWN_COLUMNS or not isinstance(key, str):
+                continue
+            value = _float(text)
+            table = extra.setdefault(key, {})
             if value is not None and (step not in table or table[step][0] <= session):
                 table[step] = (session, value)
         rate = _float(row.get("samples_per_sec"))
@@ -95,6 +109,7 @@ def read_history(run: Storage) -> RunHistory:
         lr={s: v for s, (_, v) in sorted(lr.items())},
         val_loss={s: v for s, (_, v) in sorted(val.items())},
         sessions=[sessions[k] for k in sorted(sessions)],
+        extra={key: {s: v for s, (_, v) in sorted(table.items())} for key, table in extra.items() if table},
     )
 
 
@@ -108,15 +123,21 @@ def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install 'resilient_train[plot]'") from None
     history = read_history(Storage(run_url))
-    fig, (ax_loss, ax_lr, ax_rate) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.2, 1.2]})
+    extra = list(history.extra)
+    fig, axes = plt.subplots(3 + len(extra), 1, figsize=(10, 8.5 + 1.9 * len(extra)), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1.2, 1.2] + [1.2] * len(extra)}, squeeze=False)
+    ax_loss, ax_lr, ax_rate, *ax_extra = axes[:, 0]
     colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap; the stub returns Colormap
     _series(ax_loss, history.loss, "train loss", "C0")
     if history.val_loss:
         _series(ax_loss, history.val_loss, "validation loss", "C3", marker="o")
     _series(ax_lr, history.lr, "learning rate", "C2")
+    for ax, name in zip(ax_extra, extra, strict=True):
+        _series(ax, history.extra[name], name, "C4", marker="." if len(history.extra[name]) < 50 else None)
+        ax.set_ylabel(name, fontsize=8)
     for index, session in enumerate(history.sessions):
         color = colors[index % len(colors)]
-        for ax in (ax_loss, ax_lr, ax_rate):
+        for ax in axes[:, 0]:
             ax.axvspan(session.start_step, session.end_step, color=color, alpha=0.08, lw=0)
             if session.start_step > 0:
                 ax.axvline(session.start_step, color=color, ls="--", lw=1)
@@ -128,7 +149,7 @@ def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
     ax_loss.legend(loc="upper right")
     ax_lr.set_ylabel("lr")
     ax_rate.set_ylabel("samples/s")
-    ax_rate.set_xlabel("step (dashed lines: resume points)")
+    axes[-1, 0].set_xlabel("step (dashed lines: resume points)")
     if history.sessions:
         ax_rate.legend(loc="upper right", fontsize=8)
     fig.suptitle(title or run_url, fontsize=10)

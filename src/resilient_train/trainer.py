@@ -239,7 +239,7 @@ class Trainer:
         deadline = SessionDeadline(budget, session_elapsed_offset()) if budget else None
         if budget:
             _info(fabric, f"session budget {_duration(budget)}: the run saves and exits 75 before it runs out")
-        metrics = MetricsLogger(run, session) if rank == 0 else None
+        metrics = MetricsLogger.for_run(run, session, cfg, progress.step) if rank == 0 else None
         bar = _progress_bar(fabric, tcfg, progress.step)
 
         def capture() -> fmt.Snapshot:

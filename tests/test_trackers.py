@@ -366,6 +366,11 @@ def test_without_trackers_named_tensorboard_is_used_when_installed_on_local_disk
     named = MetricsLogger(Storage(str(tmp_path / "other")), 1, logging=LoggingConfig(trackers=["tensorboard"]))
     assert [t.name for t in named.trackers] == ["tensorboard"]
     named.close()
+    none = MetricsLogger(Storage(str(tmp_path / "none")), 1, logging=LoggingConfig(trackers=[]))
+    assert none.trackers == []
+    none.log(1, loss=1.0)
+    none.close()
+    assert not (tmp_path / "none" / "logs" / "tensorboard").exists()
 
 
 # -- the CSV grows columns ------------------------------------------------------------------------

@@ -170,19 +170,26 @@ class LoggingConfig:
     """Where metrics go besides `logs/metrics.csv`: experiment trackers that every session of the
     run (on any machine) continues, because their run ids live in the run folder."""
 
-    trackers: Any = field(default_factory=list)  # any of tensorboard, mlflow, wandb (a list, or one name)
+    # any of tensorboard, mlflow, wandb (a list, or one name); null: TensorBoard when it is installed
+    # and the run folder is local (what the Docker image's TensorBoard watches); []: none
+    trackers: Any = None
     project: Optional[str] = None  # MLflow experiment / W&B project; default: the run folder's name
     tensorboard_dir: Optional[str] = None  # default: <run_dir>/logs/tensorboard (local run folders only)
     mlflow_tracking_uri: Optional[str] = None  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
     wandb_mode: Optional[str] = None  # online | offline | disabled; default: W&B's own (WANDB_MODE)
 
     def __post_init__(self) -> None:
-        items = [self.trackers] if isinstance(self.trackers, str) else list(self.trackers or [])
+        if self.trackers is None:
+            return self._check_wandb_mode()
+        items = [self.trackers] if isinstance(self.trackers, str) else list(self.trackers)
         names = [str(item).strip().lower() for item in items if str(item).strip()]
         unknown = [name for name in names if name not in TRACKERS]
         if unknown:
             raise ConfigError("logging.trackers", f"unknown tracker {unknown[0]!r}; use any of {', '.join(TRACKERS)}")
         self.trackers = list(dict.fromkeys(names))
+        self._check_wandb_mode()
+
+    def _check_wandb_mode(self) -> None:
         if self.wandb_mode is not None and self.wandb_mode not in ("online", "offline", "disabled"):
             raise ConfigError("logging.wandb_mode", f"must be online, offline or disabled, got {self.wandb_mode!r}")
 

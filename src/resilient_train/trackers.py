@@ -161,11 +161,11 @@ class SessionInfo:
 def chosen(logging_cfg: LoggingConfig, run: Storage) -> tuple[list[str], bool]:
     """(tracker names, whether the user named them).
 
-    An empty `logging.trackers` (the default) keeps what the package always did: TensorBoard when
-    it is installed and the run folder is on local disk (the Docker image's TensorBoard watches
-    `runs/*/logs/tensorboard`); naming any tracker means exactly those.
+    `logging.trackers: null` (the default) keeps what the package always did: TensorBoard when it
+    is installed and the run folder is on local disk (the Docker image's TensorBoard watches
+    `runs/*/logs/tensorboard`); a list means exactly those, `[]` none.
     """
-    if logging_cfg.trackers:
+    if logging_cfg.trackers is not None:
         return list(logging_cfg.trackers), True
     return (["tensorboard"] if run.is_local else []), False
 

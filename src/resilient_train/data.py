@@ -42,6 +42,7 @@ from resilient_train.permutation import FeistelOrder
 
 FEISTEL, RANDPERM, SEQUENTIAL = "feistel-v1", "randperm-v1", "sequential"
 ORDERS = (FEISTEL, RANDPERM, SEQUENTIAL)
+ITERABLE = "iterable"  # the `order` of an iterable train_data: its own (data_iterable.py)
 
 
 def saved_order(layout_order: Any, shuffle: bool) -> str:
@@ -51,6 +52,15 @@ def saved_order(layout_order: Any, shuffle: bool) -> str:
     if layout_order in (FEISTEL, RANDPERM):
         return layout_order
     return RANDPERM if layout_order is None else FEISTEL  # None: written before orders were recorded
+
+
+def resumed_order(layout_order: Any, current: Any) -> str:
+    """The order a resumed run continues with: the checkpoint's (see `saved_order`) unless either
+    side is an iterable train_data, whose order is its own (a change of kind is labelled by the
+    resume report, since the orders then differ)."""
+    if current == ITERABLE or layout_order == ITERABLE:
+        return str(current)
+    return saved_order(layout_order, current != SEQUENTIAL)
 
 
 class EpochOrder:
@@ -371,6 +381,26 @@ def build_loader(
     return loader, sampler
 
 
+def build_stream(data: Any, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int = 0,
+                 max_epochs: Optional[int] = None) -> tuple[Any, Any]:
+    """(stream, layout) for `train_data`: what the training loop pulls batches from, and what it reads
+    the batch layout from (`batch_size`, `global_batch`, `layout()`, `use_order()`).
+
+    A map-style Dataset (or DataLoader over one) gets a BatchStream and its ResumableBatchSampler;
+    an IterableDataset, a DataLoader over one or torchdata's StatefulDataLoader gets an
+    IterableStream (data_iterable.py), which is both. Both streams offer `next()`, `epoch`,
+    `cursor`, `last_consumed`, `last_local`, `completed_epochs`, `seek(epoch, cursor, state)` and
+    `state_dict()` (this rank's entry in a checkpoint; None for a map-style one).
+    """
+    from resilient_train import data_iterable
+
+    if data_iterable.is_iterable(data):
+        stream = data_iterable.build_iterable_stream(data, batch_size, seed, rank, world_size, num_workers, max_epochs)
+        return stream, stream
+    loader, sampler = build_loader(data, batch_size, seed, rank, world_size, num_workers)
+    return BatchStream(loader, sampler), sampler
+
+
 def build_eval_loader(data: Any, batch_size: int, rank: int, world_size: int, num_workers: int = 0) -> DataLoader:
     """A sequential, rank-sharded loader for validation (order does not matter, RNG must not move).
 
@@ -408,9 +438,14 @@ class BatchStream:
         self.last_local = 0  # of which on this rank: the length of the batch `next` returned
         self._iterator: Optional[Iterator[Any]] = None
 
-    def seek(self, epoch: int, cursor: int) -> None:
+    def seek(self, epoch: int, cursor: int, state: Any = None) -> None:
+        """Continue at sample `cursor` of `epoch`; `state` (a rank's data entry, see `state_dict`) is not needed."""
         self.epoch, self.cursor = epoch, cursor
         self._iterator = None
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        """A map-style position is global and lives in the progress counters: no per-rank entry (None)."""
+        return None
 
     @property
     def completed_epochs(self) -> int:

@@ -10,7 +10,9 @@ Three levels, reported in one line on every resume:
   approximate   the samples per optimizer step changed (another world size without
                 `trainer.global_batch_size`), or the config changed in keys that alter what the
                 run computes (seed, task keys, batch layout: let through with --allow-change),
-                so the optimisation itself differs.
+                so the optimisation itself differs; or an iterable train_data's position is found
+                by skipping consumed batches (exact only if it repeats its order: not provable
+                here), or its state loses something (a Hugging Face shuffle buffer).
 
 A world-size change also changes the RNG streams: each rank saves its own (torch CPU and CUDA,
 Python, NumPy: dropout and any random op in the step), so a rank that no longer exists has its
@@ -61,6 +63,14 @@ def exactness(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, list[str
     if "drop_last" in saved and "drop_last" in now and saved["drop_last"] != now["drop_last"]:
         reasons.append(f"drop_last {saved['drop_last']} -> {now['drop_last']}")
         approximate = True
+    if now.get("order") == "iterable" and saved_order == "iterable":  # data_iterable.py: how the position is found
+        if now.get("data_position") == "skip" or saved.get("data_position") == "skip":
+            reasons.append("train_data has no state_dict(): each rank skips the batches it had consumed, which repeats "
+                           "the run only if train_data yields the same items in the same order on every pass")
+            approximate = True
+        if now.get("data_caveat"):
+            reasons.append(str(now["data_caveat"]))
+            approximate = True
     changed = list(now.get("config_changes") or [])
     if changed:
         reasons.append(f"config changed with --allow-change: {', '.join(changed)}")

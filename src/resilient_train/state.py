@@ -2,8 +2,9 @@
 
 What makes a resume bit-exact is everything that influences the next step: weights, optimizer
 moments, scheduler position, GradScaler scale, every RNG (Python, NumPy, torch CPU, each CUDA
-device), the data cursor and the step/epoch counters. Each RNG is restored independently and a
-failure is reported, never allowed to silently skip the others.
+device), the data cursor and the step/epoch counters, and, for an iterable train_data, each
+rank's position in it. Each RNG is restored independently and a failure is reported, never
+allowed to silently skip the others.
 """
 
 from __future__ import annotations
@@ -176,11 +177,14 @@ def capture(
     scheduler: Any,
     scaler: Any,
     progress: Progress,
+    data: Optional[dict[str, Any]] = None,
 ) -> Snapshot:
     """The training state at a step boundary.
 
     Parameter and optimizer tensors alias the live state: encode or copy the snapshot before the
-    next optimizer step changes them (CheckpointSaver.before_update waits for that).
+    next optimizer step changes them (CheckpointSaver.before_update waits for that). `data` is
+    this rank's position in an iterable train_data (the stream's `state_dict()`, a copy), written
+    to its own per-rank file; the trainer hands it back to the stream on resume.
     """
     train = {
         "optimizer": optimizer.state_dict(),
@@ -192,7 +196,7 @@ def capture(
     # later: copy them now; parameters only change in optimizer.step(), which waits for the save
     parameters = {p.data_ptr() for p in model.parameters()}
     weights = {k: v if v.data_ptr() in parameters else v.clone() for k, v in model_state(model).items()}
-    return Snapshot(model=weights, train=train, rng=capture_rng())
+    return Snapshot(model=weights, train=train, rng=capture_rng(), data=data)
 
 
 def restore(

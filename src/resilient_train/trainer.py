@@ -31,7 +31,8 @@ from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
 from resilient_train.console import ensure_log_handler
-from resilient_train.data import SEQUENTIAL, BatchStream, build_eval_loader, build_loader, saved_order
+from resilient_train.data import BatchStream, build_eval_loader, build_stream, resumed_order
+from resilient_train.data_iterable import world_size_refusal
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
@@ -184,8 +185,8 @@ class Trainer:
         scheduler = _make_scheduler(scheduler, optimizer)
         scaler = getattr(fabric.strategy.precision, "scaler", None)
 
-        loader, sampler = build_loader(train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers)
-        stream = BatchStream(loader, sampler)
+        # an iterable train_data gets an IterableStream, which is its own "sampler" (data_iterable.py)
+        stream, sampler = build_stream(train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers, tcfg.max_epochs)
         val_loader = build_eval_loader(val_data, sampler.batch_size, rank, world) if val_data is not None else None
         micro_batches = _accumulation(fabric, tcfg, sampler.global_batch)
         batch_layout = {"micro_batch": sampler.batch_size, "global_batch": sampler.global_batch * micro_batches, **sampler.layout()}
@@ -207,7 +208,7 @@ class Trainer:
                 _info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
                 raise TrainingStopped(progress.step, stop.reason or "signal", rank=rank)
             sampler.use_order(batch_layout["order"])
-            stream.seek(progress.epoch, progress.cursor)
+            stream.seek(progress.epoch, progress.cursor, self._resumed_data if resumed_from is not None else None)
             session, saver = self._start_session(fabric, run, managers, progress, batch_layout)
             if resumed_from is not None:
                 saver.last_path = managers[0].info(resumed_from).path
@@ -243,7 +244,7 @@ class Trainer:
         bar = _progress_bar(fabric, tcfg, progress.step)
 
         def capture() -> fmt.Snapshot:
-            return state_lib.capture(model, optimizer, scheduler, scaler, progress)
+            return state_lib.capture(model, optimizer, scheduler, scaler, progress, data=stream.state_dict())
 
         last_loss: Optional[float] = None  # measured in this session: what its checkpoints record
         val_loss: Optional[float] = None
@@ -415,7 +416,7 @@ class Trainer:
                 batch_layout: dict[str, Any]) -> tuple[state_lib.Progress, Optional[int]]:
         """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
         rank = fabric.global_rank
-        wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, fmt.rng_file(rank)}
+        wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, *fmt.rank_files(rank)}
         misfits: list[CheckpointError] = []
 
         def decode(loaded: LoadedCheckpoint) -> fmt.Snapshot:
@@ -452,15 +453,19 @@ class Trainer:
             loaded = managers[index].load(managers[index].info(step), wanted)
             snapshot = loaded.snapshot(rank)
         progress, problems = state_lib.restore(snapshot, model, optimizer, scheduler, scaler)
+        self._resumed_data = snapshot.data  # this rank's position in an iterable train_data: `fit` hands it to the stream
         for problem in problems:
             log.warning("rank %d: %s", rank, problem)
         _info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
         recorded = loaded.manifest.get("metrics")
         self._checkpoint_metrics = dict(recorded) if isinstance(recorded, dict) else {}
         # a shuffled run keeps the order algorithm it started with (checkpoints before feistel-v1: randperm)
-        batch_layout["order"] = saved_order(loaded.manifest.get("order"), batch_layout.get("order") != SEQUENTIAL)
+        batch_layout["order"] = resumed_order(loaded.manifest.get("order"), batch_layout.get("order"))
         now = {"world_size": fabric.world_size, "precision": self.precision, "environment": fingerprint(), **batch_layout,
                "config_changes": [change.key for change in self.config_changes if change.guarded]}
+        refusal = world_size_refusal(loaded.manifest, now)  # iterable train_data: positions are per shard
+        if refusal is not None:
+            raise UsageError(refusal) if rank == 0 else SystemExit(UsageError.exit_code)
         for line in resume_report(loaded.manifest, now):
             _info(fabric, line)
         return progress, step

@@ -4,9 +4,13 @@
     state.safetensors     every other tensor: optimizer moments, scheduler/scaler tensors
     state.json            the rest of the state as tagged JSON, tensors referenced by key
     rng-rank00000.json    each rank's RNG states (they differ per rank under DDP)
+    data-rank00000.json   each rank's position in an iterable train_data (only for one), with
+                          data-rank00000.safetensors beside it if that position holds tensors
     manifest.json         written last; see manifest.py
 
-Global rank 0 writes the shared files; every rank writes its own RNG file.
+Global rank 0 writes the shared files; every rank writes its own RNG file (and data file).
+The data files are additive: the format version stays 2, since a reader without them cannot
+train an iterable train_data at all, and everything else reads such a checkpoint as before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,19 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank:05d}.json"
 
 
+def data_file(rank: int) -> str:
+    return f"data-rank{rank:05d}.json"
+
+
+def data_tensors_file(rank: int) -> str:
+    return f"data-rank{rank:05d}.safetensors"
+
+
+def rank_files(rank: int) -> set[str]:
+    """The files of one rank's own state (a resume of that rank reads them)."""
+    return {rng_file(rank), data_file(rank), data_tensors_file(rank)}
+
+
 @dataclass
 class Snapshot:
     """The whole training state in host memory, in plain Python and CPU tensors."""
@@ -36,6 +53,7 @@ class Snapshot:
     model: dict[str, torch.Tensor]
     train: dict[str, Any]  # optimizer, scheduler, scaler, progress counters, metrics
     rng: Optional[dict[str, Any]] = None  # this rank's RNG states
+    data: Optional[dict[str, Any]] = None  # this rank's position in an iterable train_data (data_iterable.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,10 +119,15 @@ def encode_files(snapshot: Snapshot, rank: int, shared: bool) -> EncodedFiles:
     if rng_tensors:
         raise ValueError("RNG states must be bytes, not tensors")  # internal invariant of state.py
     encoded = EncodedFiles(tensor_files={}, json_files={rng_file(rank): codec.dumps_json(rng_tree)})
+    if snapshot.data is not None:
+        data_tree, data_tensors = codec.encode(snapshot.data)
+        encoded.json_files[data_file(rank)] = codec.dumps_json(data_tree)
+        if data_tensors:
+            encoded.tensor_files[data_tensors_file(rank)] = data_tensors
     if shared:
         model_tensors, aliases = codec.split_model_state(snapshot.model)
         tree, tensors = codec.encode(snapshot.train)
-        encoded.tensor_files = {MODEL_FILE: model_tensors, STATE_TENSORS: tensors}
+        encoded.tensor_files.update({MODEL_FILE: model_tensors, STATE_TENSORS: tensors})
         encoded.json_files[STATE_JSON] = codec.dumps_json({"model_aliases": aliases, "train": tree})
     return encoded
 
@@ -117,7 +140,7 @@ def encode_shared(snapshot: Snapshot) -> dict[str, bytes]:
 
 
 def encode_rank(snapshot: Snapshot, rank: int) -> dict[str, bytes]:
-    """One rank's own RNG file as bytes."""
+    """One rank's own files (RNG, data position) as bytes."""
     return encode_files(snapshot, rank, shared=False).to_bytes()
 
 
@@ -166,7 +189,21 @@ def decode(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Snapshot:
         rng = codec.decode(codec.loads_json(files[name], name), {}, name)
         if rng is not None and not isinstance(rng, dict):
             raise CheckpointError(f"{name} holds {describe(rng)}, not RNG states; the checkpoint is corrupt or not ours")
-    return Snapshot(model=_decode_model(files, meta), train=train, rng=rng)
+    return Snapshot(model=_decode_model(files, meta), train=train, rng=rng, data=_decode_data(files, rank))
+
+
+def _decode_data(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Optional[dict[str, Any]]:
+    """This rank's data position, or None when the checkpoint has none for it."""
+    name = data_file(rank)
+    if name not in files:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    if data_tensors_file(rank) in files:
+        tensors = codec.tensors_from_bytes(files[data_tensors_file(rank)], data_tensors_file(rank))
+    data = codec.decode(codec.loads_json(files[name], name), tensors, name)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{name} holds {describe(data)}, not a data position; the checkpoint is corrupt or not ours")
+    return data
 
 
 def _need(files: Mapping[str, Any], name: str) -> Any:

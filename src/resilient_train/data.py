@@ -24,6 +24,10 @@ worker once (from the worker id and rank) and torchdata's StatefulDataLoader sna
 worker's RNG state; both tie a batch's randomness to the worker that happens to fetch it, which
 a resume with a fresh loader cannot reproduce. Generators a dataset builds itself (say
 `numpy.random.default_rng()` without a seed) are outside this and stay non-reproducible.
+
+An iterable train_data (IterableDataset, torchdata's StatefulDataLoader) has no index to jump to:
+`build_stream` hands it to data_iterable.py, which keeps each rank's position in the source's
+own state (or skips what was consumed) instead of a global cursor.
 """
 
 from __future__ import annotations

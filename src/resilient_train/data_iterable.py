@@ -235,7 +235,7 @@ class IterableStream:
         self._fetched = 0  # batches of the epoch fetched (returned + the one read ahead)
         self._pending: Optional[tuple[Any, Any]] = None  # the batch read ahead, with the source's state right after it
         self._state: Any = None  # the source's state right after the last batch returned
-        self._last: Any = None  # the last batch returned (fingerprinted when a checkpoint asks)
+        self._last: Optional[str] = None  # fingerprint of the last batch returned (sources without state)
         self._load: Any = None  # a state to load when the next iterator starts
         self._skip = 0  # batches to drop when the next iterator starts
         self._expect: Optional[str] = None  # the fingerprint the last skipped batch should have
@@ -288,7 +288,8 @@ class IterableStream:
             if self._pending is not None:
                 batch, state = self._pending
                 self._pending = self._fetch()
-                self._state, self._last = state, batch
+                # a source without state: its fingerprint now, before the training step can change the batch in place
+                self._state, self._last = state, (None if self.by_state else fingerprint(batch))
                 self.batches += 1
                 self.last_local = _batch_length(batch) or self.batch_size
                 self.last_consumed = self.last_local * self.world_size
@@ -305,7 +306,7 @@ class IterableStream:
             "rank": self.rank, "world_size": self.world_size, "epoch": self.epoch, "batches": self.batches,
             "cursor": self.cursor, "epoch_ended": self._iterator is not None and self._pending is None,
             "source": copy.deepcopy(self._state) if self.by_state and self.batches else None,
-            "last_batch": fingerprint(self._last) if self._last is not None and not self.by_state else None,
+            "last_batch": self._last,
         }
 
     def load_state_dict(self, state: Any) -> None:

@@ -134,3 +134,15 @@ def test_auto_micro_batch_finds_a_size_under_real_memory_pressure(tmp_path: Path
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def test_gpu_stats_log_the_peak_memory_of_each_window(tmp_path: Path) -> None:
+    from resilient_train.metrics import read_rows
+
+    _fit(tmp_path / "run", max_steps=8, precision="32-true", log_every_n_steps=4)
+    rows = [row for row in read_rows(Storage(str(tmp_path / "run"))) if row.get("loss")]
+    assert [row["step"] for row in rows] == [4, 8]
+    for row in rows:
+        assert 0 < float(row["gpu_mem_peak_gb"]) <= float(row["gpu_mem_reserved_peak_gb"])
+        if row.get("gpu_util"):  # NVML present (nvidia-ml-py): utilisation and temperature too
+            assert 0 <= float(row["gpu_util"]) <= 100 and float(row["gpu_temp_c"]) > 0

@@ -90,7 +90,7 @@ def test_session_budget_saves_and_exits_75_before_it_runs_out(tmp_path: Path) ->
                    "checkpoint.every_n_steps=1000", f"checkpoint.session_budget={budget:g}s")
     wall = time.monotonic() - started
     assert proc.returncode == 75, proc.stderr[-2000:]
-    assert "stopped by session budget" in proc.stderr
+    assert "(session budget); checkpoint committed" in proc.stderr
     steps = committed_steps_on_disk(run_dir)
     assert steps and steps[-1] > 10  # it trained, then saved the step it stopped at
     sessions = json.loads((run_dir / "sessions.json").read_text())

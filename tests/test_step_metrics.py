@@ -113,3 +113,54 @@ def test_without_a_progress_bar_each_log_window_prints_a_line(tmp_path: Path, ca
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
     assert "mae" in lines[0] and "loss" in lines[0]
+
+
+def test_a_metric_present_on_some_micro_batches_is_their_mean_not_diluted() -> None:
+    window = MetricWindow()
+    window.add({"late": 2.0})
+    window.add({})
+    window.add({"late": 4.0})
+    assert window.read(None, torch.device("cpu")) == {"late": 3.0}
+
+
+def test_a_metric_name_with_control_characters_is_refused() -> None:
+    with pytest.raises(UsageError, match="without control characters"):
+        split_output({"loss": torch.tensor(1.0), "a\nb": 1.0})
+
+
+RANK_METRICS_TASK = '''
+import os
+import torch
+from torch import nn
+
+CONFIG = {"task": {}, "trainer": {"max_steps": 6, "batch_size": 4, "log_every_n_steps": 2, "progress_bar": False},
+          "checkpoint": {"every_n_steps": 3}}
+
+
+def build(cfg):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+    def step(model, batch):
+        loss = nn.functional.mse_loss(model(batch[0]), batch[1])
+        # rank 0 returns no extra metric, rank 1 one of its own: names differ between the ranks
+        return {"loss": loss} if rank == 0 else {"loss": loss, "only_rank1": 5.0}
+
+    return {"model": nn.Linear(4, 1), "optimizer": lambda p: torch.optim.SGD(p, lr=0.01),
+            "train_data": torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), "training_step": step}
+'''
+
+
+@pytest.mark.slow
+def test_ddp_ranks_returning_different_metric_names_neither_hang_nor_mix(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    task = tmp_path / "rank_metrics.py"
+    task.write_text(RANK_METRICS_TASK)
+    run_dir = tmp_path / "run"
+    run_cli("run", str(task), "--run-dir", str(run_dir), "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.strategy=ddp", timeout=240, check=True)
+    rows = [row for row in read_rows(Storage(str(run_dir))) if row.get("loss")]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert all(float(row["only_rank1"]) == 5.0 for row in rows)  # the mean over the micro-batches that had it

@@ -9,6 +9,7 @@ names the trainer logs itself are refused so a user's metric never silently over
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -16,6 +17,7 @@ import torch
 
 from resilient_train.errors import UsageError
 
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]+$")
 RESERVED = frozenset({"session", "step", "epoch", "time", "loss", "lr", "samples_per_sec", "val_loss"})
 
 
@@ -30,7 +32,9 @@ def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     for name, value in out.items():
         if name == "loss":
             continue
-        if not isinstance(name, str) or name in RESERVED:
+        if not isinstance(name, str) or not _PRINTABLE.match(name):
+            raise UsageError(f"training_step returned the metric name {name!r}; use a non-empty string without control characters")
+        if name in RESERVED:
             raise UsageError(f"training_step returned the metric {name!r}, a name the trainer logs itself; rename it")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
@@ -43,37 +47,55 @@ def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
 
 
 class MetricWindow:
-    """Sums of the extra metrics over the current log window, read (and reset) at log time."""
+    """Sums of the extra metrics over the current log window, read (and reset) at log time.
+
+    Each name keeps its own weight, so a metric that appears on some micro-batches only is the
+    mean over those, not diluted by the others.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, Any] = {}
-        self._weight = 0.0
+        self._weights: dict[str, float] = {}
 
     def add(self, extras: Mapping[str, Any], weight: float = 1.0) -> None:
         """Add one micro-batch's metrics (`weight`: its share of the batch when it ran in chunks)."""
         for name, value in extras.items():
             scaled = value.float().reshape(()) * weight if isinstance(value, torch.Tensor) else float(value) * weight
             self._sums[name] = self._sums[name] + scaled if name in self._sums else scaled
-        if extras:
-            self._weight += weight
+            self._weights[name] = self._weights.get(name, 0.0) + weight
 
     def merge(self, other: MetricWindow) -> None:
         """Take over another window's sums (a retried step's successful attempt)."""
         for name, value in other._sums.items():
             self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._weight += other._weight
+            self._weights[name] = self._weights.get(name, 0.0) + other._weights[name]
 
-    def read(self, all_reduce_mean: Optional[Callable[[torch.Tensor], torch.Tensor]], device: torch.device) -> dict[str, float]:
-        """The window's means (across ranks too, when `all_reduce_mean` is given); then reset.
+    def read(self, ranks: Optional[Ranks], device: torch.device) -> dict[str, float]:
+        """The window's means (over every rank's micro-batches when `ranks` is given); then reset.
 
-        Every rank must return the same metric names: the mean is one all-reduce of their values.
+        Under DDP the ranks first agree on the union of their metric names (one small all-gather
+        per window), then sum (value, weight) pairs in one all-reduce, so a metric some ranks do
+        not return neither hangs the collective nor mixes with another name.
         """
-        if not self._sums:
-            return {}
         names = sorted(self._sums)
-        values = torch.stack([torch.as_tensor(self._sums[name], dtype=torch.float32, device=device).reshape(())
-                              for name in names]) / max(self._weight, 1e-12)
-        if all_reduce_mean is not None:
-            values = all_reduce_mean(values)
-        self._sums, self._weight = {}, 0.0
-        return {name: float(value) for name, value in zip(names, values.tolist(), strict=True)}
+        if ranks is not None:
+            names = sorted({name for names_of_rank in ranks.gather_names(names) for name in names_of_rank})
+        if not names:
+            return {}
+        pairs = torch.zeros(len(names), 2, dtype=torch.float32, device=device)
+        for index, name in enumerate(names):
+            if name in self._sums:
+                pairs[index, 0] = torch.as_tensor(self._sums[name], dtype=torch.float32, device=device).reshape(())
+                pairs[index, 1] = self._weights[name]
+        if ranks is not None:
+            pairs = ranks.sum(pairs)
+        self._sums, self._weights = {}, {}
+        return {name: float(total / weight) for name, (total, weight) in zip(names, pairs.tolist(), strict=True) if weight > 0}
+
+
+class Ranks:
+    """The two collectives a window needs, given by the trainer (Fabric's, on the training group)."""
+
+    def __init__(self, gather_names: Callable[[list[str]], list[list[str]]], sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.gather_names = gather_names
+        self.sum = sum

@@ -50,7 +50,7 @@ from resilient_train.runtime import (
     release_process_groups_at_exit,
     resolve_precision,
 )
-from resilient_train.step_metrics import MetricWindow, split_output
+from resilient_train.step_metrics import MetricWindow, Ranks, split_output
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -250,6 +250,8 @@ class Trainer:
         val_loss: Optional[float] = None
         window_start, window_steps = time.perf_counter(), 0
         window = MetricWindow()  # what training_step returns besides the loss
+        ranks = None if fabric.world_size == 1 else Ranks(lambda names: _gather_objects(fabric, names),
+                                                          lambda t: _all_reduce(fabric, t, "sum"))
         device_stats = DeviceStats(fabric.device) if tcfg.gpu_stats and rank == 0 else None
         agreement = StepAgreement(fabric.world_size, rank)
         with _closing(bar, metrics, agreement):
@@ -289,8 +291,7 @@ class Trainer:
                     rate = window_steps * batch_layout["global_batch"] / elapsed if elapsed > 0 else float("nan")
                     window_start, window_steps = time.perf_counter(), 0
                     lr = optimizer.param_groups[0]["lr"]
-                    mean = (lambda t: _all_reduce(fabric, t, "mean")) if fabric.world_size > 1 else None
-                    extra = {**window.read(mean, fabric.device), **(device_stats.read() if device_stats is not None else {})}
+                    extra = {**window.read(ranks, fabric.device), **(device_stats.read() if device_stats is not None else {})}
                     if rank == 0:
                         _show_window(bar, tcfg, step, progress.epoch, last_loss, lr, extra)
                     if metrics is not None:
@@ -629,6 +630,15 @@ def _finite(value: Any) -> Optional[float]:
 def _all_reduce(fabric: Fabric, tensor: torch.Tensor, op: str) -> torch.Tensor:
     """Fabric's all-reduce of one tensor (typed for what it returns for a tensor)."""
     return cast(torch.Tensor, fabric.all_reduce(tensor, reduce_op=op))
+
+
+def _gather_objects(fabric: Fabric, value: Any) -> list[Any]:
+    """Every rank's `value` (a short list of metric names) on every rank."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _agree(fabric: Fabric, flag: bool) -> bool:

@@ -115,3 +115,20 @@ def test_resume_can_extend_max_steps(finished_run: Path, tmp_path: Path) -> None
     rows = json.loads(run_cli("ls", str(run_dir), "--json", check=True).stdout)
     assert rows[-1]["step"] == 9
     assert "max_steps: 9" in (run_dir / "run.yaml").read_text()
+
+
+@pytest.mark.parametrize("inside", ["run.yaml", "sessions.json", "checkpoints/step-000000006/model.new.safetensors",
+                                    "task/weights.safetensors", "logs/weights.safetensors"])
+def test_export_never_writes_into_the_runs_own_files(finished_run: Path, inside: str) -> None:
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    proc = run_cli("export", str(finished_run), str(finished_run / inside))
+    _assert_one_error_line(proc, 2, "export to")
+    assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+    assert run_cli("verify", str(finished_run)).returncode == 0
+
+
+def test_export_to_a_new_name_at_the_top_of_the_run_folder_is_fine(finished_run: Path) -> None:
+    out = finished_run / "exported.safetensors"
+    run_cli("export", str(finished_run), str(out), check=True)
+    assert set(load_file(str(out)))
+    out.unlink()

@@ -54,10 +54,13 @@ def require_transformers() -> None:
 
 def check_target(out: str) -> Storage:
     """OUT_DIR, refused when it is a run or a checkpoint folder (`model.safetensors` there is ours)."""
+    from resilient_train.run_folder import refuse_run_owned_target
+
     target = Storage(out)
     for name in _NOT_A_TARGET:
         if target.exists(name):
             raise UsageError(f"'{out}' holds a run or checkpoint ({name}); export into another folder")
+    refuse_run_owned_target(out)  # nor anywhere inside a checkpoint or a run's own files
     return target
 
 

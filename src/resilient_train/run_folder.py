@@ -38,6 +38,7 @@ import time
 import uuid
 from typing import Any, Optional, cast
 
+from resilient_train.checkpoint.manifest import MANIFEST
 from resilient_train.config import RunConfig, load_run_yaml, resolve
 from resilient_train.errors import NotFoundError, UsageError
 from resilient_train.storage import Storage
@@ -332,3 +333,39 @@ def _why(exc: BaseException) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# names a run folder keeps at its top level (lease.json: checkpoint/lease.py; micro_batch.json:
+# microbatch.py): what an export must never write into or over
+RUN_OWNED = frozenset({RUN_YAML, RUN_JSON, TASK_DIR, SESSIONS, SESSIONS_BACKUP, "lease.json", "micro_batch.json",
+                       "checkpoints", "logs"})
+
+
+def refuse_run_owned_target(out: str) -> None:
+    """Refuse (UsageError, before anything is written) an output path that is a run's own file or
+    folder, or lies inside a checkpoint: `export RUN RUN/run.yaml` or into `checkpoints/step-N/`
+    would destroy what it exports from. A new name at a run folder's top level
+    (`RUN/model.safetensors`, `RUN/hf/`) is fine.
+
+    Walks from `out` up to the filesystem root looking for `manifest.json` (a checkpoint) and
+    `run.yaml` (a run), stopping at the first run: two `exists` calls per level.
+    """
+    target = Storage(out)
+    current, below = target.root, cast(list[str], [])  # folder names from the target up to `current`
+    shown = (lambda path: path) if target.is_local else target.fs.unstrip_protocol
+    while True:
+        if target.fs.exists(posixpath.join(current, MANIFEST)):
+            raise UsageError(f"'{out}' is inside the checkpoint '{shown(current)}'; "
+                             "export to a path outside the run's checkpoints")
+        if target.fs.exists(posixpath.join(current, RUN_YAML)):
+            if not below or below[-1] in RUN_OWNED:
+                owned = below[-1] if below else "the run folder itself"
+                raise UsageError(f"'{out}' would write into the run's own files ({owned}); export to a new name "
+                                 f"in the run folder (e.g. {shown(current)}/export/) or elsewhere")
+            return
+        parent = posixpath.dirname(current)
+        if parent == current or not parent:
+            return
+        below.append(posixpath.basename(current))
+        current = parent
+

@@ -99,7 +99,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         return _export_hf(args)
     from resilient_train.checkpoint import tensorfile
+    from resilient_train.run_folder import refuse_run_owned_target
 
+    refuse_run_owned_target(args.out)  # never over run.yaml or into a checkpoint it exports from
     _, step, model = _load_weights(args.target)
     seen: dict[int, str] = {}
     tensors = {}

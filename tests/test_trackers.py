@@ -431,3 +431,25 @@ def test_a_torn_row_is_cut_when_a_new_metric_widens_the_file(tmp_path: Path) -> 
     rows = read_rows(Storage(str(tmp_path / "run")))
     assert [(r["session"], r["step"], r["mark"]) for r in rows] == [(1, 2, ""), (1, 4, ""), (2, 6, "2.0")]
     assert b"17\r\n" not in path.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_listed_tracker_that_is_not_installed_stops_every_ddp_rank_in_one_line(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_TASK, cli_env
+
+    shadow = tmp_path / "shadow" / "mlflow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('mlflow is not installed here')\n")
+    env = {**cli_env(), "PYTHONPATH": str(tmp_path / "shadow")}
+    proc = subprocess.run([sys.executable, "-m", "resilient_train", "run", TINY_TASK, "--run-dir", str(tmp_path / "run"),
+                           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
+                           "logging.trackers=[mlflow]"], capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "resilient_train[mlflow]" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "DistNetworkError" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import logging
 
-FORMAT = "resilient_train: %(message)s"
+
+class Prefixed(logging.Formatter):
+    """`resilient_train: message` for our lines, `urllib3: message` for another library's: a line
+    must say who is talking."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        source = record.name.split(".")[0] if record.name and record.name != "root" else "resilient_train"
+        return f"{source}: {record.getMessage()}" + (f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
 
 
 class AboveTheBar(logging.StreamHandler):
@@ -29,7 +36,7 @@ def ensure_log_handler() -> None:
     log = logging.getLogger("resilient_train")
     if not log.handlers and not logging.getLogger().handlers:
         handler = AboveTheBar()
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(Prefixed())
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False

@@ -26,6 +26,7 @@ dropped for the rest of the session; `logs/metrics.csv` keeps every row regardle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, cast
 
 from resilient_train.errors import UsageError
 from resilient_train.storage import Storage
@@ -193,6 +194,31 @@ def open_trackers(run: Storage, session: int, logging_cfg: LoggingConfig, start_
     return trackers
 
 
+@contextlib.contextmanager
+def _quick_http(timeout: str = "10", retries: str = "0") -> Iterator[None]:
+    """MLflow's HTTP timeout and retries, shortened for the start-up probe (a user's own settings win)."""
+    names = {"MLFLOW_HTTP_REQUEST_TIMEOUT": timeout, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries}
+    changed = [name for name in names if name not in os.environ]
+    for name in changed:
+        os.environ[name] = names[name]
+    try:
+        yield
+    finally:
+        for name in changed:
+            os.environ.pop(name, None)
+
+
+def require_trackers(logging_cfg: LoggingConfig, run: Storage) -> None:
+    """UsageError naming the extra when a tracker `logging.trackers` lists cannot be imported.
+
+    Called on global rank 0 before the run starts (Trainer.prepare_run), whose refusal every rank
+    shares: found later, inside the loop, it would leave the other DDP ranks in a collective.
+    """
+    names, explicit = chosen(logging_cfg, run)
+    for name in names:
+        _installed(name, explicit)
+
+
 def _installed(name: str, explicit: bool) -> bool:
     """Whether the tracker's package imports; UsageError naming the extra when it was asked for."""
     module = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
@@ -289,7 +315,8 @@ class MlflowTracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
             self._client = client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # the store opens lazily: fail here, with a hint
+            with _quick_http():  # an unreachable server: one short try, not minutes of retries before step 1
+                client.search_experiments(max_results=1)  # the store opens lazily: fail here, with a hint
         except Exception as exc:
             if uri:
                 raise

@@ -53,6 +53,7 @@ from resilient_train.runtime import (
 from resilient_train.step_metrics import MetricWindow, Ranks, split_output
 from resilient_train.storage import Storage
 from resilient_train.task import Task
+from resilient_train.trackers import require_trackers
 
 log = logging.getLogger("resilient_train")
 
@@ -141,7 +142,9 @@ class Trainer:
         refusal: Optional[str] = None
         if fabric.global_rank == 0:
             try:
-                RunFolder(Storage(self.config.run_dir)).prepare(self.config, task)
+                run = Storage(self.config.run_dir)
+                require_trackers(self.config.logging, run)  # before any collective of the session
+                RunFolder(run).prepare(self.config, task)
             except UsageError as exc:
                 refusal = str(exc)
         if fabric.world_size > 1:

@@ -167,10 +167,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    from resilient_train.console import FORMAT, AboveTheBar
+    from resilient_train.console import AboveTheBar, Prefixed
 
     handler = AboveTheBar(sys.stderr)  # messages above the progress bar, never inside it
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(Prefixed())
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     for noisy in ("lightning_fabric", "lightning", "fsspec", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,10 @@ CONFIG: dict[str, Any] = {
         "dropout": 0.1,
         "lr": 6e-3,  # peak learning rate; a model this small tolerates a high one
         "min_lr_ratio": 0.1,  # the cosine decays to lr * min_lr_ratio at the end of the schedule
-        # steps the schedule runs over; null: the run's first trainer.max_steps, kept in the
-        # scheduler's state, so `resume RUN trainer.max_steps=MORE` goes on at the final LR
-        # instead of jumping back up the cosine (see docs/configuration.md, "Extending a run")
-        "schedule_steps": None,
+        # the schedule's length is the run's first trainer.max_steps, kept in the scheduler's
+        # state, so `resume RUN trainer.max_steps=MORE` goes on at the final LR instead of jumping
+        # back up the cosine; `task.schedule_steps=N` sets it explicitly instead (docs/configuration.md,
+        # "Extending a run")
         "warmup": 30,  # steps of linear warmup
         "weight_decay": 0.1,
         "val_fraction": 0.1,  # the tail of the text held out for validation
@@ -323,24 +323,36 @@ def generate(
 
 
 # -- the task --------------------------------------------------------------------------------------
-class WarmupCosine:
+def warmup_cosine(warmup: int, total: int, min_ratio: float, keep_total: bool) -> Callable[[int], float]:
     """LR multiplier: linear warmup, then a cosine down to `min_ratio` at step `total`, flat after.
 
-    A callable object, not a closure, on purpose: LambdaLR's state_dict stores the attributes of
-    callable objects (plain numbers here, so the checkpoint stays JSON), and `load_state_dict` puts
-    them back. A resumed run thus keeps the horizon it started with even when `build` is called
-    with a larger `trainer.max_steps`: the extended steps continue at the final LR. A closure over
-    `max_steps` would be rebuilt for the new length and the LR would jump back up mid-run.
+    `keep_total`: the horizon must survive a resume that calls `build` with a larger
+    `trainer.max_steps`. LambdaLR's state_dict stores the attributes of a callable object (and
+    nothing for a plain function), and `load_state_dict` puts them back; so the horizon is the one
+    attribute of a small object, and the resumed run keeps the `total` it started with: the
+    extended steps continue at the final LR instead of jumping back up the curve. Only `total` is
+    state: warmup and floor come from the config each session, and an explicit
+    `task.schedule_steps` (keep_total False) is a plain function, so a deliberate change of it
+    takes effect (labelled approximate on resume).
     """
 
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+    def factor(step: int, horizon: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if not keep_total:
+        return lambda step: factor(step, total)
+
+    class KeptHorizon:
+        def __init__(self) -> None:
+            self.total = total  # the only attribute: what the checkpoint keeps (JSON, nothing pickled)
+
+        def __call__(self, step: int) -> float:
+            return factor(step, self.total)
+
+    return KeptHorizon()
 
 
 def build(cfg: Any) -> dict[str, Any]:
@@ -364,8 +376,9 @@ def build(cfg: Any) -> dict[str, Any]:
         ]
         return torch.optim.AdamW(groups, lr=float(t["lr"]), betas=(0.9, 0.99))
 
-    horizon = int(t.get("schedule_steps") or cfg.trainer.max_steps)
-    lr_factor = WarmupCosine(int(t["warmup"]), horizon, float(t["min_lr_ratio"]))
+    explicit = t.get("schedule_steps")
+    lr_factor = warmup_cosine(int(t["warmup"]), int(explicit or cfg.trainer.max_steps), float(t["min_lr_ratio"]),
+                              keep_total=not explicit)
 
     def training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch

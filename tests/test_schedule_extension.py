@@ -37,3 +37,15 @@ def test_extending_a_run_continues_at_the_final_learning_rate(tmp_path: Path) ->
     peak = 6e-3
     assert final == pytest.approx(peak * 0.1, rel=0.05)  # the cosine reached its floor at step 20
     assert all(lrs[step] == pytest.approx(final) for step in range(21, 27)), lrs
+
+
+def test_an_explicit_schedule_length_change_takes_effect_when_allowed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    task = str(REPO / "examples" / "char_gpt.py")
+    run_cli("run", task, "--run-dir", str(run_dir), "trainer.max_steps=20", *SMALL, check=True)
+    floor = _lrs(run_dir)[20]
+    proc = run_cli("resume", str(run_dir), "trainer.max_steps=24", "task.schedule_steps=40",
+                   "--allow-change", "task.schedule_steps", check=True)
+    assert "approximate" in proc.stderr
+    lrs = _lrs(run_dir)
+    assert all(lrs[step] > floor * 1.5 for step in range(21, 25)), lrs  # a new, longer cosine: well above the floor

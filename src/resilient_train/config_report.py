@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from resilient_train.config import RunConfig, _leaves, resolve
+from resilient_train.config import RunConfig, resolve
 
 
 def sourced_values(layers: Sequence[tuple[str, Any]]) -> list[tuple[str, Any, str]]:
@@ -39,6 +39,16 @@ def render(rows: Sequence[tuple[str, Any, str]]) -> str:
     return "\n".join(f"{f'{key}: {value}':<{width}}  # {origin}" for key, value, origin in shown)
 
 
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """Dotted key -> value for every leaf; lists and empty mappings ({}) are leaves too."""
+    if isinstance(value, Mapping) and (value or not prefix):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, RunConfig):
         return OmegaConf.to_container(value.to_dictconfig(), resolve=True)
@@ -56,4 +66,6 @@ def _flow(value: Optional[Any]) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_flow(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {_flow(item)}" for key, item in value.items()) + "}"
     return str(value)

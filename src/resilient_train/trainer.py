@@ -115,6 +115,7 @@ class Trainer:
         self._run_prepared = False
         self._checkpoint_metrics: dict[str, Any] = {}  # loss and val_loss recorded with the checkpoint resumed from
         self.config_changes: list[ConfigChange] = []  # vs the stored config (api.py): labels and session record
+        self._resumed_data: Any = None  # this rank's position in an iterable train_data, from the checkpoint resumed
 
     # -- set-up --------------------------------------------------------------------------------
     def launch(self) -> Fabric:

@@ -311,17 +311,9 @@ class IterableStream:
 
     def load_state_dict(self, state: Any) -> None:
         """Continue after the batches an entry of `state_dict` says were returned."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError("the checkpoint's data position is not ours; the checkpoint is corrupt or not ours")
-        version = state.get("version")
-        if not isinstance(version, int) or version > STATE_VERSION:
-            raise CheckpointError(f"the checkpoint's data position has version {version!r}, newer than this resilient_train "
-                                  f"reads ({STATE_VERSION}); upgrade resilient_train")
-        epoch, batches, cursor = (state.get(key) for key in ("epoch", "batches", "cursor"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batches, cursor)):
-            raise CheckpointError("the checkpoint's data position has counters that are not whole numbers >= 0; "
-                                  "the checkpoint is corrupt or not ours")
-        self.epoch, self.batches, self.cursor = int(epoch), int(batches), int(cursor)  # type: ignore[arg-type]
+        check_position(state)
+        epoch, batches, cursor = state["epoch"], state["batches"], state["cursor"]
+        self.epoch, self.batches, self.cursor = int(epoch), int(batches), int(cursor)
         if state.get("epoch_ended"):
             self._new_epoch(self.epoch + 1)
         elif self.by_state and state.get("source") is not None:
@@ -339,17 +331,23 @@ class IterableStream:
 
     def _start(self) -> None:
         """Begin this epoch's pass: position the source (load its state, or skip), read one ahead."""
+        if self._load is None:
+            self._begin_pass()
+            return
+        try:  # a foreign state can fail anywhere: in set_epoch, load_state_dict, or lazily in iter/next (HF)
+            self._begin_pass()
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"the checkpoint's data position does not fit train_data ({type(exc).__name__}: "
+                                  f"{str(exc).strip()[:200]}); resume with the data the run was trained with") from None
+
+    def _begin_pass(self) -> None:
         if self.set_epoch is not None:
             self.set_epoch(self.epoch)
         if self.generator is not None:
             self.generator.manual_seed(batch_seed(self.seed, "iterable-workers", self.epoch, self.rank))
         self._fetched = 0
         if self._load is not None:
-            try:
-                self.source.load_state_dict(copy.deepcopy(self._load))
-            except Exception as exc:  # noqa: BLE001 - a foreign state can make it fail in any way
-                raise CheckpointError(f"the checkpoint's data position does not fit train_data ({type(exc).__name__}: "
-                                      f"{str(exc).strip()[:200]}); resume with the data the run was trained with") from None
+            self.source.load_state_dict(copy.deepcopy(self._load))
             self._fetched = self.batches
             self._state, self._load = self._load, None  # a save before the next batch keeps the position
         self._iterator = iter(self.loader)
@@ -400,6 +398,32 @@ class IterableStream:
                             "not yield the same items in the same order on every pass, so this resume is not exact", self.rank)
         if self.rank == 0:
             log.info("data: skipped %d consumed batch(es) of epoch %d in %.1fs%s", skipped, self.epoch, took, check)
+
+
+_MAX_EPOCH, _MAX_COUNT = 2**31, 2**53  # beyond these a counter is garbage, not a position
+
+
+def check_position(state: Any) -> None:
+    """CheckpointError (one line) unless `state` is a data position this version reads.
+
+    Called while the trainer picks the checkpoint to resume (`Trainer._resume`), so a position
+    that passes the checksums but is garbage makes that checkpoint a misfit and an older one is
+    tried, instead of failing after the choice was made.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError("the checkpoint's data position is not ours; the checkpoint is corrupt or not ours")
+    version = state.get("version")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise CheckpointError(f"the checkpoint's data position has version {version!r}, newer than this resilient_train "
+                              f"reads ({STATE_VERSION}); upgrade resilient_train")
+    counters = {"epoch": _MAX_EPOCH, "batches": _MAX_COUNT, "cursor": _MAX_COUNT}
+    for key, limit in counters.items():
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+            raise CheckpointError(f"the checkpoint's data position has {key}={str(value)[:40]!r}, not a plausible count; "
+                                  "the checkpoint is corrupt or not ours")
+    # the source's own state is the source's to judge: a state it cannot take fails in `_start`,
+    # as one CheckpointError line
 
 
 def _batch_length(batch: Any) -> Optional[int]:

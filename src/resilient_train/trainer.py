@@ -32,7 +32,7 @@ from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
 from resilient_train.console import ensure_log_handler
 from resilient_train.data import BatchStream, build_eval_loader, build_stream, resumed_order
-from resilient_train.data_iterable import world_size_refusal
+from resilient_train.data_iterable import check_position, world_size_refusal
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
 from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, TrainingStopped, UsageError
@@ -429,6 +429,8 @@ class Trainer:
             snapshot = loaded.snapshot(rank)
             try:
                 state_lib.check(snapshot, model, optimizer, scheduler, scaler)
+                if snapshot.data is not None:  # a garbled data position: this checkpoint is skipped too
+                    check_position(snapshot.data)
             except CheckpointError as exc:
                 misfits.append(exc)
                 raise

@@ -38,7 +38,8 @@ def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
             raise UsageError(f"training_step returned the metric {name!r}, a name the trainer logs itself; rename it")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise UsageError(f"training_step's metric {name!r} has shape {tuple(value.shape)}; return a scalar")
+                raise UsageError(f"training_step returned {name!r} of shape {tuple(value.shape)} beside the loss; metrics must be "
+                                 "scalars (for a Hugging Face output, return out.loss)")
             value = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"training_step's metric {name!r} is a {type(value).__name__}; return a number or a scalar tensor")

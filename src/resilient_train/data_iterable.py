@@ -357,7 +357,8 @@ class IterableStream:
 
     def _fetch(self) -> Optional[tuple[Any, Any]]:
         """The next batch of the pass and the source's state right after it; None at the end."""
-        assert self._iterator is not None
+        if self._iterator is None:  # only `_begin_pass` fetches, after it made the iterator
+            raise RuntimeError("internal: fetching from an iterable stream that has not started its pass")
         try:
             if self.workers == 0:
                 with seeded(batch_seed(self.seed, "iterable", self.epoch, self._fetched, self.rank)):

@@ -21,6 +21,7 @@ stream dropped and a new rank starts a fresh one. The report says which.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 ENV_KEYS = ("python", "torch", "lightning_fabric", "resilient_train", "cuda", "cudnn", "host")
@@ -111,9 +112,30 @@ def environment_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tupl
     return changes
 
 
+@dataclass(frozen=True)
+class ResumeAssessment:
+    """What a resume can promise, as a record: `sessions.json` keeps it, tools read it (never log text)."""
+
+    level: str  # bit-exact | sample-exact | approximate
+    reasons: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # what the trainer prints
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "reasons": list(self.reasons)}
+
+
+def assess(manifest: dict[str, Any], now: dict[str, Any]) -> ResumeAssessment:
+    """The exactness of resuming from `manifest` here and now, with the lines that report it."""
+    level, reasons = exactness(manifest, now)
+    return ResumeAssessment(level, reasons, _report_lines(manifest, now, level, reasons))
+
+
 def resume_report(manifest: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The lines printed when a run resumes: exactness, then a small table of what changed."""
-    level, reasons = exactness(manifest, now)
+    return assess(manifest, now).lines
+
+
+def _report_lines(manifest: dict[str, Any], now: dict[str, Any], level: str, reasons: list[str]) -> list[str]:
     lines = [f"resume is {level}" + (f" ({'; '.join(reasons)})" if reasons else " (same world size, device, precision and batch)")]
     streams = rng_streams(manifest.get("world_size"), now["world_size"])
     if streams:

@@ -40,7 +40,7 @@ from resilient_train.gpu_stats import DeviceStats
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.metrics import MetricsLogger
 from resilient_train.microbatch import AUTO, MicroBatchFit, device_name, split_batch
-from resilient_train.portability import resume_report
+from resilient_train.portability import ResumeAssessment, assess
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
 from resilient_train.runtime import (
@@ -116,6 +116,7 @@ class Trainer:
         self._checkpoint_metrics: dict[str, Any] = {}  # loss and val_loss recorded with the checkpoint resumed from
         self.config_changes: list[ConfigChange] = []  # vs the stored config (api.py): labels and session record
         self._resumed_data: Any = None  # this rank's position in an iterable train_data, from the checkpoint resumed
+        self._assessment: Optional[ResumeAssessment] = None  # what the resume promised: recorded in sessions.json
 
     # -- set-up --------------------------------------------------------------------------------
     def launch(self) -> Fabric:
@@ -473,7 +474,8 @@ class Trainer:
         refusal = world_size_refusal(loaded.manifest, now)  # iterable train_data: positions are per shard
         if refusal is not None:
             raise UsageError(refusal) if rank == 0 else SystemExit(UsageError.exit_code)
-        for line in resume_report(loaded.manifest, now):
+        self._assessment = assess(loaded.manifest, now)
+        for line in self._assessment.lines:
             _info(fabric, line)
         return progress, step
 
@@ -491,6 +493,8 @@ class Trainer:
                 "incarnation": lease.incarnation, "world_size": fabric.world_size,
                 "precision": self.precision, "environment": environment,
                 "config_changes": [change.to_json() for change in self.config_changes],
+                "resumed_from": progress.step if self._assessment is not None else None,
+                "resume": self._assessment.to_json() if self._assessment is not None else None,
             })
             if len(managers) > 1:
                 mirror = Mirror(run, managers[1].run, RetentionPolicy.from_config(cfg.checkpoint))

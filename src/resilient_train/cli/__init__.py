@@ -1,7 +1,8 @@
 """Command-line interface: argument parsing, dispatch, exit codes and one-line errors.
 
-Every command is a function in `commands.py` that returns an exit code or raises one of the
-errors in `errors.py`; `main` turns those into `error: ...` lines (a traceback only with --debug).
+Every command is a module in `commands/`, listed in `commands.COMMANDS`, whose `run` returns an
+exit code or raises one of the errors in `errors.py`; `main` turns those into `error: ...` lines
+(a traceback only with --debug).
 """
 
 from __future__ import annotations
@@ -11,39 +12,42 @@ import logging
 import os
 import sys
 import traceback
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence, cast
 
+from resilient_train.cli.commands import COMMANDS
 from resilient_train.errors import EXIT_FAILED, ResilientTrainError, TrainingStopped, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse prints usage plus an error and exits 2; we want one `error:` line, via UsageError."""
+    """argparse prints usage plus an error and exits 2; we want one `error:` line, via UsageError.
+
+    `example` (a whole command line) is what a missing positional argument is answered with.
+    """
+
+    def __init__(self, *args: Any, example: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.example = example
 
     def error(self, message: str) -> NoReturn:
         prefix = "the following arguments are required: "
         if message.startswith(prefix):
-            message = _missing(self.prog.split()[-1], [name for name in message[len(prefix):].split(", ") if name != "KEY=VALUE"])
+            message = _missing(self.prog.split()[-1], [name for name in message[len(prefix):].split(", ") if name != "KEY=VALUE"],
+                               self.example)
         raise UsageError(f"{message} (see `python -m resilient_train {self.prog.split()[-1]} --help`)"
                          if " " in self.prog else f"{message} (see `python -m resilient_train --help`)")
 
 
-_EXAMPLES = {
-    "run": "python -m resilient_train run examples/char_gpt.py --run-dir runs/char trainer.max_steps=500",
-    "resume": "python -m resilient_train resume runs/char",
-    "check-resume": "python -m resilient_train check-resume examples/char_gpt.py",
-    "config": "python -m resilient_train config examples/char_gpt.py trainer.max_steps=500",
-}
 _WHAT = {"TASK": "TASK (a task file .py, or package.module, with build(cfg))", "RUN": "RUN (a run folder or URL)"}
 
 
-def _missing(command: str, names: list[str]) -> str:
+def _missing(command: str, names: list[str], example: Optional[str]) -> str:
     """A missing positional argument, said with what it is and an example of the whole command."""
     what = " and ".join(_WHAT.get(name, name) for name in names) or "more arguments"
-    example = _EXAMPLES.get(command)
     return f"{command} needs {what}" + (f", e.g. `{example}`" if example else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in `commands.COMMANDS`, each with the common options (--debug)."""
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = _Parser(
@@ -52,104 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(local path, /content/drive/MyDrive/..., gs://bucket/prefix, memory://...).",
         parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # every sub-parser is a _Parser; the commands only need the ArgumentParser interface
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser))
     sub.required = True
-
-    p = sub.add_parser("run", parents=[common], help="start (or continue) a run of a task file",
-                       description="Start a run of TASK (a .py file or package.module), or continue it if RUN_DIR already holds it.")
-    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
-    p.add_argument("--run-dir", help="where the run lives (overrides run_dir from the config)")
-    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=500")
-    p.add_argument("--allow-change", action="append", default=[], metavar="KEY", dest="allow_change",
-                   help="continuing an existing run: let KEY change although it alters what the run computes "
-                        "(seed, task.*, batch layout); the resume is labelled approximate. Repeatable")
-    p.set_defaults(command="run")
-
-    p = sub.add_parser("resume", parents=[common], help="continue a run from its newest valid checkpoint",
-                       description="Continue RUN from its newest valid checkpoint, with the config and task snapshot stored in RUN.")
-    p.add_argument("run", metavar="RUN", help="the run folder (URL)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config changes, e.g. trainer.max_steps=2000")
-    p.add_argument("--allow-change", action="append", default=[], metavar="KEY", dest="allow_change",
-                   help="let KEY change although it alters what the run computes (seed, task.*, batch layout); "
-                        "the resume is labelled approximate. Repeatable")
-    p.set_defaults(command="resume")
-
-    p = sub.add_parser("ls", parents=[common], help="list a run's checkpoints",
-                       description="List RUN's checkpoints: step, status (committed / incomplete / corrupt), size, time, metrics.")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    p.set_defaults(command="ls")
-
-    p = sub.add_parser("export", parents=[common], help="write the model weights alone (safetensors), or a Hugging Face folder",
-                       description="Write the model weights of TARGET (a run: its newest valid checkpoint; or one checkpoint folder) to "
-                                   "OUT, keys as in your model. With --format hf, OUT is a folder that Hugging Face's from_pretrained "
-                                   "loads (config, weights, tokenizer; a PEFT model's adapter files), the model rebuilt from the run's "
-                                   "task snapshot; needs pip install 'resilient_train[hf]'.")
-    p.add_argument("target", metavar="TARGET")
-    p.add_argument("out", metavar="OUT", help="OUT.safetensors, or a folder with --format hf")
-    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                   help="safetensors (default): one file of weights; hf: a save_pretrained folder")
-    p.set_defaults(command="export")
-    p = sub.add_parser("verify", parents=[common], help="re-read every byte of checkpoints against their manifests",
-                       description="Check every file of TARGET (a run: all its checkpoints; or one checkpoint folder) against the sizes "
-                                   "and checksums in its manifest. Exit 1 naming the broken files.")
-    p.add_argument("target", metavar="TARGET")
-    p.set_defaults(command="verify")
-
-    p = sub.add_parser("sync", parents=[common], help="copy a run between storages, verifying what arrives",
-                       description="Copy run SRC to DST (e.g. Drive to local disk, local disk to gs://): config, task snapshot, logs and "
-                                   "every committed checkpoint, each file verified at DST and committed there with the manifest last. A "
-                                   "checkpoint DST already holds is never overwritten; a DST that has moved past SRC, or holds a different "
-                                   "run, is refused.")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    p.add_argument("--force", action="store_true",
-                   help="replace DST's config, sessions and logs even when DST has moved past SRC "
-                        "(committed checkpoints are never overwritten)")
-    p.set_defaults(command="sync")
-
-    p = sub.add_parser("inspect", parents=[common], help="show a run's or checkpoint's metadata",
-                       description="Show TARGET's metadata: step, config, sessions, the environment each checkpoint was written in, "
-                                   "precision, world size.")
-    p.add_argument("target", metavar="TARGET")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(command="inspect")
-
-    p = sub.add_parser("plot", parents=[common], help="draw loss, lr and throughput across a run's sessions",
-                       description="Draw RUN's loss, learning rate and throughput against step into OUT.png, each session shaded and "
-                                   "labelled with its machine and precision, resume points marked. Needs matplotlib (pip install "
-                                   "'resilient_train[plot]').")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("out", metavar="OUT.png")
-    p.set_defaults(command="plot")
-
-    p = sub.add_parser("env", parents=[common], help="show torch, CUDA, GPU and the precision `auto` would choose",
-                       description="Show the environment: torch, CUDA, cuDNN, GPUs (name, memory, capability), Colab or not, and the "
-                                   "precision trainer.precision=auto would choose here.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(command="env")
-
-    p = sub.add_parser("config", parents=[common], help="print TASK's resolved config, each value with the layer it came from",
-                       description="Resolve TASK's config (defaults < the task's CONFIG < --config YAML < KEY=VALUE) and print every key "
-                                   "with its value and the layer that set it. Nothing is trained or written.")
-    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
-    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
-    p.add_argument("--run-dir", help="as for run")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for run")
-    p.set_defaults(command="config")
-
-    p = sub.add_parser("check-resume", parents=[common], help="check that TASK resumes bit-exactly: straight vs interrupted runs",
-                       description="Train TASK N steps straight and the same N steps interrupted (SIGKILL at a save boundary, SIGKILL and "
-                                   "SIGTERM between saves, each resumed), in a temporary folder, then compare weights, optimizer state, "
-                                   "RNG streams, data position and losses. Prints bit-exact (exit 0) or the first difference and its "
-                                   "likely cause (exit 1).")
-    p.add_argument("task", metavar="TASK", help="task file (.py) or module with build(cfg)")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="steps of each run (default 20, at least 10)")
-    p.add_argument("--config", metavar="FILE.yaml", help="a YAML config layered over the task's CONFIG")
-    p.add_argument("--keep", action="store_true", help="keep the temporary run folders and their logs")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for run")
-    p.set_defaults(command="check_resume")
+    for command in COMMANDS.values():
+        command.add_parser(sub, common)
     return parser
 
 
@@ -180,9 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
         args = _parse(build_parser(), argv)
-        from resilient_train.cli import commands  # after parsing: usage errors stay fast
-
-        return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
+        return int(COMMANDS[args.command].run(args) or 0)
     except TrainingStopped as stopped:  # the trainer has said where it stopped, in one line
         return stopped.code
     except ResilientTrainError as exc:

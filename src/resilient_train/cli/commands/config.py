@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Mapping, Optional, Sequence
 
 NAME = "config"
 
@@ -20,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resilient_train.config import load_yaml_layer, parse_overrides
-    from resilient_train.config_report import render, sourced_values
+    from resilient_train.config import load_yaml_layer, parse_overrides, sourced_values
     from resilient_train.task import load_task
 
     layers: list[tuple[str, Any]] = [("task CONFIG", load_task(args.task).defaults)]
@@ -32,3 +31,24 @@ def run(args: argparse.Namespace) -> int:
         layers.append(("--run-dir", {"run_dir": args.run_dir}))
     print(render(sourced_values(layers)))
     return 0
+
+
+def render(rows: Sequence[tuple[str, Any, str]]) -> str:
+    """One `key: value  # layer` line per key, values in YAML flow style."""
+    shown = [(key, _flow(value), origin) for key, value, origin in rows]
+    width = max((len(key) + len(value) + 2 for key, value, _ in shown), default=0)
+    return "\n".join(f"{f'{key}: {value}':<{width}}  # {origin}" for key, value, origin in shown)
+
+
+def _flow(value: Optional[Any]) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (not value or value != value.strip()):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {_flow(item)}" for key, item in value.items()) + "}"
+    return str(value)

@@ -1,20 +1,18 @@
-"""Config schemas and their loading: defaults < task CONFIG < --config YAML < KEY=VALUE.
+"""The config schemas: one small dataclass per section, and `RunConfig`, the whole of a run's config.
 
-Each section is a small dataclass that validates itself in `__post_init__` and names the key it
-rejects, so a typo on the command line costs one clear line instead of a crash an hour later.
+Each section validates itself in `__post_init__` and names the key it rejects, so a typo on the
+command line costs one clear line instead of a crash an hour later.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, cast
+from typing import Any, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from resilient_train.errors import ConfigError, UsageError
+from resilient_train.errors import ConfigError
 
 PRECISIONS = frozenset(
     {
@@ -227,223 +225,6 @@ class RunConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _translate(exc: OmegaConfBaseException) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    msg = _first_line(exc)
-    if "Key '" in msg and "not in" in msg:
-        near = nearest_key(key)
-        msg = f"unknown key; did you mean {near}?" if near else "unknown key; see docs/configuration.md for the keys that exist"
-    return ConfigError(key, msg)
-
-
-def known_keys() -> list[str]:
-    """Every dotted config key (`task.*` is free-form and not listed)."""
-    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS and f.name != "task"]
-    for section, schema in _SECTIONS.items():
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(schema)]
-    return keys
-
-
-def nearest_key(key: str) -> Optional[str]:
-    """The valid key a typo most likely meant (`trainer.max_step` -> `trainer.max_steps`), if any is close."""
-    import difflib
-
-    keys = known_keys()
-    names = {k.rsplit(".", 1)[-1]: k for k in keys}  # field names are unique across sections
-    name = key.rsplit(".", 1)[-1]
-    if name in names:  # the right name in the wrong section (or without one)
-        return names[name]
-    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
-    if not match:
-        near = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
-        match = [names[near[0]]] if near else []
-    return match[0] if match else None
-
-
-def parse_overrides(items: Iterable[str]) -> DictConfig:
-    """Turn `KEY=VALUE` strings into a config layer (values parsed as YAML: 3, 1e-3, true, [1,2])."""
-    items = list(items)
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise UsageError(f"override '{item}' is not KEY=VALUE (for example trainer.max_steps=500)")
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise UsageError(f"cannot parse overrides {items}: {_first_line(exc)}") from None
-
-
-def load_yaml_layer(path: str) -> DictConfig:
-    """Read a `--config FILE.yaml` layer through fsspec (so it may live on Drive or GCS)."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "r") as f:
-            layer = OmegaConf.create(f.read())
-    except FileNotFoundError:
-        raise UsageError(f"config file '{path}' does not exist") from None
-    except OmegaConfBaseException as exc:
-        raise UsageError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
-    except Exception as exc:  # yaml.YAMLError and friends: report, do not crash
-        raise UsageError(f"config file '{path}' cannot be read: {_first_line(exc)}") from None
-    if not isinstance(layer, DictConfig):
-        raise UsageError(f"config file '{path}' must hold a mapping at the top level")
-    return layer
-
-
-def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
-    """Map `Trainer(max_steps=..., every_n_steps=...)` keywords onto their config sections.
-
-    Field names are unique across sections, so a flat keyword is unambiguous; whole sections may
-    also be passed as dicts (`checkpoint={"keep_last": 2}`).
-    """
-    layer: dict = {}
-    for name, value in kwargs.items():
-        if name in ("run_dir", "seed"):
-            layer[name] = value
-        elif name in ("trainer", "checkpoint", "logging", "task"):
-            section = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else dict(value)
-            layer.setdefault(name, {}).update(section)
-        else:
-            for section_name, schema in _SECTIONS.items():
-                if name in {f.name for f in dataclasses.fields(schema)}:
-                    layer.setdefault(section_name, {})[name] = value
-                    break
-            else:
-                near = nearest_key(name)
-                hint = f"did you mean {near.rsplit('.', 1)[-1]}?" if near else "see docs/configuration.md"
-                raise UsageError(f"Trainer got an unknown argument '{name}'; {hint}")
-    return layer
-
-
-def resolve(*layers: Any) -> RunConfig:
-    """Merge layers over the defaults and validate; every failure names the offending key."""
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
-        return cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
-    except OmegaConfBaseException as exc:
-        cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None
-        if cause is not None:
-            raise cause from None
-        raise _translate(exc) from None
-
-
-def load_run_yaml(text: str) -> DictConfig:
-    """Parse a stored `run.yaml` as a config layer."""
-    try:
-        layer = OmegaConf.create(text)
-    except Exception as exc:
-        raise UsageError(f"run.yaml is not valid YAML: {_first_line(exc)}") from None
-    if not isinstance(layer, DictConfig):
-        raise UsageError("run.yaml must hold a mapping at the top level")
-    return layer
-
-
-# -- config changes when a run continues ---------------------------------------------------------
-
-# trainer keys that change how the run is computed on this machine, not what it computes: the
-# resume's exactness line labels their effect (world size, device, precision), or they have none
-# on the result (cadences, logging, worker count: batches are seeded from their position alone,
-# validation leaves the training RNG streams where they were)
-_FREE_TRAINER_KEYS = frozenset({
-    "max_steps", "accelerator", "strategy", "precision", "gradient_checkpointing", "checkpoint_modules",
-    "val_every_n_steps", "val_batches", "log_every_n_steps", "num_workers", "progress_bar", "micro_batch_size",
-    "max_epochs", "gpu_stats",
-})
-# keys that set the batch layout: free while `trainer.global_batch_size` is set and unchanged (the
-# trainer then derives accumulation so the samples per optimizer step stay the same)
-_LAYOUT_KEYS = frozenset({"batch_size", "accumulate_grad_batches", "devices", "num_nodes"})
-_ABSENT = "<unset>"
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    """One key whose value differs between a run's stored config and the one it continues with.
-
-    `guarded` changes alter what the run computes (seed, task keys, batch layout): a run refuses
-    them unless the user names each with `--allow-change KEY`, and then labels the resume
-    approximate. The others (longer max_steps, checkpoint cadence, logging, hardware) pass.
-    """
-
-    key: str
-    old: Any
-    new: Any
-    guarded: bool
-
-    def to_json(self) -> dict[str, Any]:
-        """The record kept in sessions.json."""
-        return {"key": self.key, "old": self.old, "new": self.new, "guarded": self.guarded}
-
-
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
-    """Dotted key -> value for every leaf of nested mappings (lists are leaves; an empty mapping has none)."""
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
-def _guarded(key: str, stored: RunConfig, new: RunConfig) -> bool:
-    if key == "seed" or key.startswith("task."):
-        return True
-    section, _, name = key.partition(".")
-    if section in ("checkpoint", "logging"):
-        return False
-    if section == "trainer" and name in _FREE_TRAINER_KEYS:
-        return False
-    if section == "trainer" and name in _LAYOUT_KEYS:
-        kept = stored.trainer.global_batch_size
-        return kept is None or new.trainer.global_batch_size != kept
-    return True  # trainer.global_batch_size, gradient_clip_val, and any key not known to be harmless
-
-
-def config_changes(stored: RunConfig, new: RunConfig) -> list[ConfigChange]:
-    """Every key (run_dir aside) whose value differs, in key order, each classified."""
-    before = _leaves(OmegaConf.to_container(stored.to_dictconfig(), resolve=True), "")
-    after = _leaves(OmegaConf.to_container(new.to_dictconfig(), resolve=True), "")
-    changes = []
-    for key in sorted(set(before) | set(after)):
-        if key == "run_dir":
-            continue
-        old, now = before.get(key, _ABSENT), after.get(key, _ABSENT)
-        if old != now or type(old) is not type(now):  # True == 1, but a flag is not a count
-            changes.append(ConfigChange(key, old, now, _guarded(key, stored, new)))
-    return changes
-
-
-def _allowed(key: str, allow: Iterable[str]) -> bool:
-    """`--allow-change task` allows every `task.*` key; `--allow-change task.lr` that one."""
-    return any(key == a or key.startswith(a.rstrip(".") + ".") for a in allow if a)
-
-
-def check_config_changes(stored: RunConfig, new: RunConfig, allow: Iterable[str] = ()) -> list[ConfigChange]:
-    """The changes a continued run makes to its stored config; UsageError (exit 2) for guarded
-    changes not named in `allow`, in one line naming the keys and the flag that lets them through.
-
-    Computed from the config files alone, so every DDP rank reaches the same decision.
-    """
-    allow = [str(a).strip() for a in allow]
-    changes = config_changes(stored, new)
-    refused = [c for c in changes if c.guarded and not _allowed(c.key, allow)]
-    if refused:
-        what = ", ".join(f"{c.key} ({_short(c.old)} -> {_short(c.new)})" for c in refused)
-        flags = " ".join(f"--allow-change {c.key}" for c in refused)
-        raise UsageError(
-            f"changing {what} would make this another run, not a continuation of the stored one; pass {flags} "
-            "to continue anyway (the resume is then labelled approximate), or start a new run with another --run-dir"
-        )
-    return changes
-
-
-def _short(value: Any) -> str:
-    text = value if value == _ABSENT else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+# the sections whose field names are config keys (`task` is the user's own, free-form)
+SECTIONS = {"trainer": TrainerConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}

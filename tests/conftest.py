@@ -16,7 +16,7 @@ import pytest
 # must be set before gcsfs is first imported (the constructor argument comes too late).
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
-pytest_plugins = ["gcs_emulator"]
+pytest_plugins = ["gcs_emulator", "storage_backends"]
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TASK = str(REPO / "tests" / "tasks" / "tiny.py")

@@ -1,9 +1,8 @@
-"""The commit protocol, listing, verification, fallback and retention, on local disk and memory://."""
+"""The commit protocol, listing, verification, fallback and retention, on local disk, memory:// and gs://."""
 
 from __future__ import annotations
 
 import logging
-import uuid
 
 import pytest
 
@@ -19,15 +18,10 @@ def _prune(manager: CheckpointManager, keep_last, newest_step: int) -> list[int]
     return manager.prune(RetentionPolicy(keep_last=keep_last), newest_step)
 
 
-@pytest.fixture(params=["local", "memory"])
-def run(request, tmp_path):
-    if request.param == "local":
-        yield Storage(str(tmp_path / "run"))
-        return
-    url = f"memory://rt-test-{uuid.uuid4().hex}/run"
-    storage = Storage(url)
-    yield storage
-    storage.remove(recursive=True)
+@pytest.fixture
+def run(storage: Storage) -> Storage:
+    """The run folder: the shared `storage` fixture (storage_backends.py), on every backend."""
+    return storage
 
 
 def _files(step: int) -> dict[str, bytes]:

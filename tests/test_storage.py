@@ -6,11 +6,10 @@ The retry helpers (`is_transient`, `with_retries`) are pure logic and tested onc
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import random
-import uuid
-from collections.abc import Iterator
 
 import fsspec
 import google_crc32c
@@ -21,29 +20,11 @@ from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint.manager import COMMITTED, INCOMPLETE
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.errors import CheckpointError
-from resilient_train.storage import Storage, is_transient, with_retries
+from resilient_train.storage import Storage, backend_for, is_transient, with_retries
+from resilient_train.storage.gcs import crc32c_hex
 
-BACKENDS = ["local", "memory", "gcs"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def storage_url(backend: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    """An empty root URL on one backend, unique to this test."""
-    if backend == "local":
-        yield str(request.getfixturevalue("tmp_path") / "run")
-    elif backend == "memory":
-        url = f"memory://rt-{uuid.uuid4().hex}"
-        yield url
-        fs, root = fsspec.core.url_to_fs(url)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-    else:
-        yield request.getfixturevalue("gcs_url")
+# `backend` and `storage_url` (every backend) come from storage_backends.py, shared with the
+# checkpoint manager and commit protocol suites.
 
 
 def other_writer(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -271,7 +252,7 @@ def test_child_shares_the_filesystem_and_roots_paths(storage_url: str) -> None:
     s = Storage(storage_url)
     c = s.child("a", "b")
     assert c.fs is s.fs
-    assert c.is_local == s.is_local
+    assert c.backend is s.backend
     assert c.path("f") == s.path("a", "b", "f")
     assert c.display("f") == s.display("a", "b", "f")
     c.write_bytes(b"via child", "f")
@@ -328,6 +309,61 @@ def test_checksum_from_store_is_fresh_after_another_writer_overwrites(storage_ur
     assert names(s.list_dir("d")) == ["f"]  # fills gcsfs's listing cache for d
     other_write(storage_url, "d/f", b"second")
     assert s.checksum_from_store("d", "f") == f"{google_crc32c.value(b'second'):08x}"
+
+
+def test_listing_entries_carry_the_stores_checksum_where_it_keeps_one(storage_url: str, backend: str) -> None:
+    s = Storage(storage_url)
+    data = b"payload " * 1000
+    s.write_bytes(data, "d", "f")
+    [listed] = s.list_dir("d")
+    [walked] = s.walk("d").values()
+    want = f"{google_crc32c.value(data):08x}" if backend == "gcs" else None
+    assert s.stored_checksum(listed) == want
+    assert s.stored_checksum(walked) == want
+
+
+def test_gcs_crc32c_is_decoded_from_base64_and_junk_is_no_checksum() -> None:
+    assert crc32c_hex(base64.b64encode(bytes.fromhex("0a1b2c3d")).decode()) == "0a1b2c3d"
+    for junk in (None, 123, "", "!!not base64!!", "AAA"):
+        assert crc32c_hex(junk) in (None, ""), junk
+
+
+# -- backends and their capabilities -------------------------------------------------------------
+
+CAPABILITIES = {  # (atomic_create, keeps_checksums, local_paths, trusted_writes)
+    "local": (True, False, True, True),
+    "memory": (False, False, False, False),
+    "gcs": (True, True, False, False),
+}
+
+
+def test_each_store_gets_its_backend_and_capabilities(storage_url: str, backend: str) -> None:
+    b = Storage(storage_url).backend
+    assert (b.atomic_create, b.keeps_checksums, b.local_paths, b.trusted_writes) == CAPABILITIES[backend]
+    assert backend_for(Storage(storage_url).fs).name == b.name
+
+
+def test_local_path_is_given_only_where_paths_are_os_paths(storage_url: str, backend: str) -> None:
+    s = Storage(storage_url)
+    s.write_bytes(b"x", "d", "f")
+    local = s.local_path("d", "f")
+    if backend == "local":
+        assert local == s.path("d", "f")
+        with open(local, "rb") as f:
+            assert f.read() == b"x"
+    else:
+        assert local is None
+
+
+def test_url_of_shows_an_absolute_path_as_a_user_would_type_it(storage_url: str, backend: str) -> None:
+    s = Storage(storage_url)
+    shown = s.url_of(s.path("a", "b"))
+    if backend == "local":
+        assert shown == s.path("a", "b")
+    elif backend == "gcs":
+        assert shown == storage_url + "/a/b"
+    else:
+        assert shown.startswith("memory://") and shown.endswith(s.path("a", "b"))
 
 
 # -- the checkpoint protocol on every backend -----------------------------------------------------

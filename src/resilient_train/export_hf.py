@@ -183,11 +183,11 @@ def _copy_whole(src: str, target: Storage, name: str) -> None:
     memory: model weights may be large); a remote one a single whole-object write.
     """
     parts = name.split("/")
-    if not target.is_local:
+    dst = target.local_path(*parts)
+    if dst is None:
         with open(src, "rb") as f:
             target.write_bytes(f.read(), *parts)
         return
-    dst = target.path(*parts)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     staging = f"{dst}.export-{os.getpid()}.tmp"
     try:

@@ -128,8 +128,8 @@ class MetricsLogger:
             log.warning("could not write logs/metrics.csv (%s: %s); will retry at the next flush", type(exc).__name__, exc)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        if self.run.is_local:
-            path = self.run.path(LOGS, METRICS_CSV)
+        path = self.run.local_path(LOGS, METRICS_CSV)  # an OS path can be appended to in place
+        if path is not None:
             header = _local_header(path)
             if header is not None and not _new_keys(header, rows):
                 _append_local(path, _rows_text(header, rows))

@@ -200,8 +200,9 @@ class RunFolder:
         if meta is None:
             raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); "
                                 f"run it with `run TASK --run-dir {self.storage.url}` instead")
-        if self.storage.is_local:
-            return self.storage.path(TASK_DIR, meta["entry"])
+        local = self.storage.local_path(TASK_DIR, meta["entry"])
+        if local is not None:
+            return local
         if local_dir is None:
             raise UsageError("a remote run's task must be copied to a local folder first")
         for name in [meta["entry"], *meta.get("assets", [])]:
@@ -352,7 +353,7 @@ def refuse_run_owned_target(out: str) -> None:
     """
     target = Storage(out)
     current, below = target.root, cast(list[str], [])  # folder names from the target up to `current`
-    shown = (lambda path: path) if target.is_local else target.fs.unstrip_protocol
+    shown = target.url_of
     while True:
         if target.fs.exists(posixpath.join(current, MANIFEST)):
             raise UsageError(f"'{out}' is inside the checkpoint '{shown(current)}'; "

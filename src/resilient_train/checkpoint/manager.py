@@ -19,7 +19,6 @@ This module imports no torch: `ls`, `verify` and `sync` use it without paying fo
 
 from __future__ import annotations
 
-import base64
 import builtins
 import errno
 import logging
@@ -264,7 +263,7 @@ class CheckpointManager:
         """
         for fname, record in (info.manifest or {}).get("files", {}).items():
             entry = info.entries.get(stored_name(fname, record), {})
-            stored = _b64_crc(entry.get("crc32c"))
+            stored = self.root.stored_checksum(entry)
             if stored is not None and "crc32c" in record and stored != record["crc32c"]:
                 return f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
         return None
@@ -345,7 +344,7 @@ class CheckpointManager:
 
     def _verifies(self, info: CheckpointInfo) -> bool:
         records = (info.manifest or {}).get("files", {}).items()
-        if records and all(_b64_crc(info.entries.get(stored_name(f, r), {}).get("crc32c")) for f, r in records):
+        if records and all(self.root.stored_checksum(info.entries.get(stored_name(f, r), {})) for f, r in records):
             return self.store_mismatch(info) is None  # the store's own checksums: nothing to read
         try:
             self.load(info)
@@ -416,16 +415,6 @@ def _size(entry: dict) -> int:
         return int(entry.get("size") or 0)
     except (TypeError, ValueError):
         return -1
-
-
-def _b64_crc(value: Any) -> Optional[str]:
-    """GCS lists crc32c as base64 of the big-endian value; the manifest keeps 8 hex digits."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return base64.b64decode(value, validate=True).hex()
-    except ValueError:
-        return None
 
 
 def load_newest_valid(

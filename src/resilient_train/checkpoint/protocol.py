@@ -179,9 +179,9 @@ class CommitProtocol:
             if doomed or debris:
                 if self.lease is not None:
                     self.lease.check(f"to prune after step {step}")
-                # local disk: the bytes were fsynced from the buffers the checksums were computed on;
-                # elsewhere prune checks the store's crc32c (GCS, no read) or reads back (memory, s3)
-                removed = self.manager.prune(self.policy, step, infos, verified=self.manager.root.is_local)
+                # trusted writes (local disk): the bytes were fsynced from the buffers the checksums were
+                # computed on; elsewhere prune checks the store's crc32c (GCS, no read) or reads back (memory, s3)
+                removed = self.manager.prune(self.policy, step, infos, verified=self.manager.root.backend.trusted_writes)
                 garbage = self.manager.collect_garbage([i for i in infos if i.step not in removed], below=step)
                 if removed or garbage:
                     log.debug("after step %d: pruned steps %s, collected %s", step, removed, garbage)

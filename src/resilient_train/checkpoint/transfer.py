@@ -118,7 +118,8 @@ def copy_checkpoint(src: CheckpointManager, dst: CheckpointManager, info: Checkp
 def _read_source(src: CheckpointManager, info: CheckpointInfo, name: str, record: dict) -> bytes:
     folder = step_dir(info.step)
     where = stored_name(name, record)
-    if src.root.is_local and os.path.islink(src.root.path(folder, where)):
+    local = src.root.local_path(folder, where)  # only OS paths can be symlinks we must refuse
+    if local is not None and os.path.islink(local):
         raise CheckpointError(f"source {info.path}: {where} is a symlink; only regular files are copied")
     try:
         return bytes(src.root.read_buffer(folder, where))

@@ -168,7 +168,7 @@ def chosen(logging_cfg: LoggingConfig, run: Storage) -> tuple[list[str], bool]:
     """
     if logging_cfg.trackers is not None:
         return list(logging_cfg.trackers), True
-    return (["tensorboard"] if run.is_local else []), False
+    return (["tensorboard"] if run.backend.local_paths else []), False
 
 
 def open_trackers(run: Storage, session: int, logging_cfg: LoggingConfig, start_step: int, params: RunParams) -> list[Tracker]:
@@ -286,7 +286,7 @@ def tensorboard_dir(info: SessionInfo) -> str:
     """
     if info.logging.tensorboard_dir:
         return info.logging.tensorboard_dir
-    if info.run.is_local:
+    if info.run.backend.local_paths:
         return info.run.path(LOGS, "tensorboard")
     return os.path.join("tb", info.run_name)
 

@@ -20,7 +20,6 @@ from resilient_train.config.schema import (
     ACCELERATORS,
     PRECISIONS,
     SECTIONS,
-    TRACKERS,
     CheckpointConfig,
     LoggingConfig,
     RunConfig,
@@ -28,7 +27,7 @@ from resilient_train.config.schema import (
 )
 
 __all__ = [
-    "ACCELERATORS", "PRECISIONS", "SECTIONS", "TRACKERS",
+    "ACCELERATORS", "PRECISIONS", "SECTIONS",
     "CheckpointConfig", "LoggingConfig", "RunConfig", "TrainerConfig",
     "kwargs_layer", "known_keys", "load_run_yaml", "load_yaml_layer", "nearest_key", "parse_overrides", "resolve",
     "sourced_values",

@@ -160,7 +160,11 @@ def _signal_names(value: Any) -> list:
         raise ConfigError("checkpoint.stop_signals", str(exc)) from None
 
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
+def _tracker_names() -> list[str]:
+    """The trackers `logging.trackers` may name: the registry's, so a new tracker needs no change here."""
+    from resilient_train.trackers import TRACKERS
+
+    return list(TRACKERS)
 
 
 @dataclass
@@ -181,9 +185,10 @@ class LoggingConfig:
             return self._check_wandb_mode()
         items = [self.trackers] if isinstance(self.trackers, str) else list(self.trackers)
         names = [str(item).strip().lower() for item in items if str(item).strip()]
-        unknown = [name for name in names if name not in TRACKERS]
+        known = _tracker_names()
+        unknown = [name for name in names if name not in known]
         if unknown:
-            raise ConfigError("logging.trackers", f"unknown tracker {unknown[0]!r}; use any of {', '.join(TRACKERS)}")
+            raise ConfigError("logging.trackers", f"unknown tracker {unknown[0]!r}; use any of {', '.join(known)}")
         self.trackers = list(dict.fromkeys(names))
         self._check_wandb_mode()
 

@@ -36,6 +36,7 @@ import os
 import posixpath
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional, cast
 
 from resilient_train.checkpoint.manifest import MANIFEST
@@ -217,6 +218,10 @@ class RunFolder:
         """The session records; a damaged file is reported in one warning line, never fatal."""
         return self._load_sessions()[0]
 
+    def session_records(self) -> list["SessionRecord"]:
+        """The session records, typed: what tools read instead of the log lines a session printed."""
+        return [SessionRecord.from_json(record) for record in self.sessions()]
+
     def start_session(self, start_step: int, info: dict[str, Any]) -> int:
         """Record a new session of this run; returns its number (1 for the first).
 
@@ -270,6 +275,54 @@ class RunFolder:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             log.warning("%s is damaged (%s); ignoring it", self.storage.display(*parts), _why(exc))
             return _DAMAGED
+
+
+@dataclass(frozen=True)
+class ResumeLabel:
+    """What a resume promised, as the trainer recorded it (portability.ResumeAssessment)."""
+
+    level: str  # bit-exact | sample-exact | approximate
+    reasons: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        """"sample-exact (world size 2 -> 1)": the level with the reasons that say what changed."""
+        return f"{self.level} ({'; '.join(self.reasons)})" if self.reasons else self.level
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One record of sessions.json with the types its readers rely on.
+
+    `resumed_from` and `resume` are None for a session that started fresh, and also in records
+    written before sessions recorded them (`labelled` False): there the exactness is unknown, which
+    is not the same as bit-exact.
+    """
+
+    session: int
+    start_step: Optional[int]
+    resumed_from: Optional[int]
+    resume: Optional[ResumeLabel]
+    labelled: bool  # the record has the `resume` field (None there: no resume happened)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "SessionRecord":
+        """From a record `_clean_session` accepted; fields of a wrong type read as absent."""
+        resume = record.get("resume")
+        return cls(session=record["session"], start_step=_int_or_none(record.get("start_step")),
+                   resumed_from=_int_or_none(record.get("resumed_from")), resume=_resume_label(resume),
+                   labelled="resume" in record and (resume is None or _resume_label(resume) is not None))
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _resume_label(value: Any) -> Optional[ResumeLabel]:
+    if not isinstance(value, dict) or not isinstance(value.get("level"), str):
+        return None
+    reasons = value.get("reasons")
+    reasons = reasons if isinstance(reasons, list) else []
+    return ResumeLabel(value["level"], tuple(str(r) for r in reasons))
 
 
 def _task_files(task: Task) -> dict[str, bytes]:

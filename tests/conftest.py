@@ -55,11 +55,10 @@ def checkpoints(run_dir: str | Path) -> list[dict]:
 
 
 def committed_steps_on_disk(run_dir: str | Path) -> list[int]:
-    """Committed steps read straight from the folder (fast enough to poll)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "manifest.json").exists())
+    """Committed steps of a run folder, from the one listing tests share (fast enough to poll)."""
+    from helpers import committed_steps
+
+    return committed_steps(run_dir)
 
 
 def saves_in_flight(run_dir: str | Path) -> list[Path]:

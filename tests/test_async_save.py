@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 
 from ckpt_files import read_data
 from faulty_fs import Fault, FaultPlan, SimulatedCrash, both, forget, in_step, in_steps_from, in_thread, install, named
+from helpers import assert_same_weights
 from resilient_train import Trainer, TrainingStopped, seed_everything
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
@@ -77,12 +78,6 @@ def _fit(url: str, clock: Optional[Clock] = None, model_fn: Callable[[], nn.Modu
                          training_step=(clock or Clock()).training_step,
                          scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5))
     return result, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), f"weights differ at {key}"
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -189,10 +184,10 @@ def baseline() -> Iterator[Baseline]:
 
 def _assert_finished_like_baseline(url: str, result, weights, baseline: Baseline) -> None:
     assert result.step == MAX_STEPS
-    _assert_same_weights(weights, baseline.weights)
+    assert_same_weights(weights, baseline.weights)
     step, final = _final_checkpoint_weights(url)
     assert step == MAX_STEPS
-    _assert_same_weights(final, baseline.weights)
+    assert_same_weights(final, baseline.weights)
 
 
 # -- async == sync -------------------------------------------------------------------------------
@@ -236,7 +231,7 @@ def test_an_async_save_stores_the_state_of_its_step_while_training_goes_on(
 
         monkeypatch.setattr(fmt.HostBuffers, "copy", late_copy)
         result, weights = _fit(run.faulty, clock=Clock(actions={11: step_11.set}), model_fn=_batchnorm_model)
-        _assert_same_weights(weights, sync_weights)  # training itself is unaffected
+        assert_same_weights(weights, sync_weights)  # training itself is unaffected
         assert plan.committed_steps() == [3, 6, 9, 12]
         for name in DATA_FILES:
             assert read_data(run.memory, 9, name) == read_data(sync_url, 9, name), name

@@ -7,8 +7,10 @@ comparison and the diagnosis on hand-made states.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,9 @@ from resilient_train.check_resume import (
 )
 from resilient_train.cli import main
 from resilient_train.errors import UsageError
+from resilient_train.run_folder import RunFolder
+from resilient_train.storage import Storage
+from resilient_train.tools.check_resume.records import ResumeFact, last_session, resume_after
 
 INEXACT_TASK = str(REPO / "tests" / "tasks" / "inexact.py")
 
@@ -168,3 +173,55 @@ def test_diagnosis_names_workers_config_changes_model_mode_and_the_resume_label(
     label = diagnose(Facts(weights_differ=True, labels=["sample-exact (world size 2 -> 1)"], straight_runs_agree=True))
     assert label[0].title == "the resume said so" and "sample-exact" in label[0].advice
     assert _titles(Facts(data_position_differs=True, straight_runs_agree=True))[0] == "data order"
+
+
+# -- resume labels come from the session records, never from log lines ------------------------
+
+
+def _record(folder: RunFolder, session: int, **fields: object) -> None:
+    """Append a session record as the trainer writes it (sessions.json), fields as given."""
+    records = folder.sessions() + [{"session": session, "start_step": fields.pop("start_step", 0), **fields}]
+    folder.storage.write_text(json.dumps(records), "sessions.json")
+
+
+def test_a_session_record_labelled_approximate_is_reported_as_such_on_any_fsspec_url() -> None:
+    run = f"memory://check-resume-labels-{uuid.uuid4().hex}/run"
+    folder = RunFolder(Storage(run))
+    _record(folder, 1, resumed_from=None, resume=None)
+    _record(folder, 2, start_step=4, resumed_from=4,
+            resume={"level": "approximate", "reasons": ["train_data is an iterable without state: resumed by skipping"]})
+    assert last_session(run) == 2
+    fact = resume_after(run, 1)
+    assert fact == ResumeFact(4, "approximate (train_data is an iterable without state: resumed by skipping)")
+    causes = diagnose(Facts(weights_differ=True, labels=[fact.label or ""], straight_runs_agree=True))
+    assert any(c.title == "the resume said so" and "approximate" in c.advice for c in causes)
+
+
+def test_a_log_line_saying_resume_is_not_exact_creates_no_label(tmp_path: Path) -> None:
+    """The iterable path's warning "...so this resume is not exact" once counted as a label."""
+    run = str(tmp_path / "run")
+    folder = RunFolder(Storage(run))
+    warning = ("rank 0: the last skipped batch differs from the one the checkpoint recorded: train_data does not yield "
+               "the same items in the same order on every pass, so this resume is not exact")
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "session.log").write_text(warning + "\n")
+    _record(folder, 1, resumed_from=None, resume=None)
+    _record(folder, 2, start_step=8, resumed_from=8, resume={"level": "bit-exact", "reasons": []})
+    assert resume_after(run, 1) == ResumeFact(8, "bit-exact")
+    _record(folder, 3, start_step=0, resumed_from=None, resume=None)  # a fresh start, whatever the log says
+    assert resume_after(run, 2) == ResumeFact(None, None)
+
+
+def test_a_record_older_than_the_labels_leaves_the_exactness_unknown_not_bit_exact(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    folder = RunFolder(Storage(run))
+    _record(folder, 1)
+    _record(folder, 2, start_step=12)  # neither resumed_from nor resume: written before sessions recorded them
+    [_, old] = folder.session_records()
+    assert old.resumed_from is None and old.resume is None and not old.labelled
+    fact = resume_after(run, 1)
+    assert fact == ResumeFact(12, None)
+    facts = Facts(weights_differ=True, straight_runs_agree=True, unlabelled=1)
+    [unknown] = diagnose(Facts(unlabelled=1))
+    assert "every resume was labelled bit-exact" not in unknown.advice and "no exactness label" in unknown.advice
+    assert diagnose(facts)[0].title == "RNG streams the trainer does not see"

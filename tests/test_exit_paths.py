@@ -24,13 +24,8 @@ from torch.utils.data import TensorDataset
 
 from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
 from faulty_fs import Fault, FaultPlan, forget, in_step, install, named
+from helpers import committed_steps
 from resilient_train import Trainer, TrainingStopped, seed_everything
-from resilient_train.checkpoint.manager import COMMITTED, CheckpointManager
-from resilient_train.storage import Storage
-
-
-def _committed(run: str) -> list[int]:
-    return [i.step for i in CheckpointManager(Storage(run)).list() if i.status == COMMITTED]
 
 
 def _fit(url: str, training_step, **overrides):
@@ -64,7 +59,7 @@ def test_an_exception_in_the_loop_waits_for_the_async_save_in_flight() -> None:
     try:
         with install(plan), pytest.raises(RuntimeError, match="task bug"):
             _fit(url, failing_step, async_save="true")
-        assert _committed(url.replace("faulty://", "memory://")) == [3, 6]
+        assert committed_steps(url.replace("faulty://", "memory://")) == [3, 6]
     finally:
         forget(url)
 
@@ -94,7 +89,7 @@ def test_sigterm_while_the_checkpoint_loads_stops_with_75() -> None:
             _fit(url, _mse, max_steps=12)
         killer.join(30)
         assert stopped.value.code == 75 and stopped.value.step == 6
-        assert _committed(url.replace("faulty://", "memory://")) == [3, 6]  # nothing new, nothing lost
+        assert committed_steps(url.replace("faulty://", "memory://")) == [3, 6]  # nothing new, nothing lost
     finally:
         forget(url)
 
@@ -104,7 +99,7 @@ def both(*predicates):
 
 
 @pytest.mark.slow
-def test_a_task_bug_during_an_async_save_exits_1_in_one_line_with_the_save_committed(tmp_path: Path) -> None:
+def test_a_task_bug_during_an_async_save_exits_1_in_one_line_with_the_savecommitted_steps(tmp_path: Path) -> None:
     """Through the CLI: the exception hits while the state is being copied and written."""
     run_dir = tmp_path / "run"
     proc = run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "trainer.max_steps=20", "checkpoint.every_n_steps=6",
@@ -113,7 +108,7 @@ def test_a_task_bug_during_an_async_save_exits_1_in_one_line_with_the_save_commi
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "task bug" in lines[0], proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
-    assert _committed(str(run_dir)) == [6]
+    assert committed_steps(str(run_dir)) == [6]
     assert run_cli("verify", str(run_dir)).returncode == 0
 
 
@@ -127,7 +122,7 @@ def test_ddp_ranks_skip_or_write_the_same_saves_when_saves_outlast_steps(tmp_pat
                    "task.ballast=2000000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "does not check out" not in proc.stderr and "failed" not in proc.stderr, proc.stderr[-3000:]
-    assert _committed(str(run_dir))[-1] == 24
+    assert committed_steps(str(run_dir))[-1] == 24
     assert run_cli("verify", str(run_dir)).returncode == 0
 
 

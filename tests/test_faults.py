@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from ckpt_files import stored_name
 from faulty_fs import Fault, FaultPlan, SimulatedCrash, both, forget, in_step, in_steps_from, install, named, step_of
+from helpers import assert_same_weights, committed_steps
 from resilient_train import Trainer, TrainingStopped, seed_everything
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
@@ -94,16 +95,6 @@ def _checkpoint_weights(url: str) -> tuple[int, dict[str, torch.Tensor]]:
     loaded = CheckpointManager(Storage(url)).load_latest()
     assert loaded is not None, f"no valid checkpoint in {url}"
     return loaded.info.step, fmt.decode_model(loaded.files)
-
-
-def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), f"weights differ at {key}"
-
-
-def _committed(url: str) -> list[int]:
-    return [i.step for i in CheckpointManager(Storage(url)).list() if i.status == "committed"]
 
 
 def _valid_steps(url: str) -> list[int]:
@@ -197,16 +188,16 @@ def baseline() -> Iterator[Baseline]:
     step, checkpoint = _checkpoint_weights(r.memory)
     assert step == MAX_STEPS
     latest = CheckpointManager(Storage(r.memory)).load_latest()
-    yield Baseline(weights, checkpoint, _committed(r.memory), p, list(latest.manifest["files"]))
+    yield Baseline(weights, checkpoint, committed_steps(r.memory), p, list(latest.manifest["files"]))
     forget(r.memory)
 
 
 def _assert_finished_like_baseline(url: str, result, weights, baseline: Baseline) -> None:
     assert result.step == MAX_STEPS
-    _assert_same_weights(weights, baseline.weights)
+    assert_same_weights(weights, baseline.weights)
     step, checkpoint = _checkpoint_weights(url)
     assert step == MAX_STEPS
-    _assert_same_weights(checkpoint, baseline.checkpoint)
+    assert_same_weights(checkpoint, baseline.checkpoint)
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -255,7 +246,7 @@ def test_a_fault_at_any_write_of_a_save_resumes_from_the_newest_valid_checkpoint
     if not silent:
         assert result.resumed_from == 3
     _assert_finished_like_baseline(run.memory, result, weights, baseline)
-    assert _committed(run.memory) == baseline.committed  # the debris of step 6 was replaced
+    assert committed_steps(run.memory) == baseline.committed  # the debris of step 6 was replaced
 
 
 @pytest.mark.parametrize("victim", SAVE_FILES)
@@ -286,7 +277,7 @@ def test_a_transient_error_at_any_write_is_retried_and_changes_nothing(
     assert plan.committed_steps() == [3, 6, 9, 12]
     assert result.resumed_from is None
     _assert_finished_like_baseline(run.memory, result, weights, baseline)
-    assert _committed(run.memory) == baseline.committed
+    assert committed_steps(run.memory) == baseline.committed
 
 
 def test_a_save_that_keeps_failing_is_retried_at_the_next_step_and_training_goes_on(

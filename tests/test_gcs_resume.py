@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ckpt_files import folder_names, listed_names
 from conftest import TINY_TASK, run_cli, start_cli, wait_for
+from helpers import assert_same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +83,6 @@ def _truncate_log(order_log: Path, committed: list[int]) -> None:
         order_log.write_text("".join(line + "\n" for line in lines[:keep]))
 
 
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"weights differ at {key}"
-
-
 @pytest.fixture(scope="module")
 def uninterrupted_local(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], list[str]]:
     tmp = tmp_path_factory.mktemp("gcs_baseline")
@@ -143,7 +138,7 @@ def test_sigkilled_gcs_run_resumes_bit_identical_to_local(gcs_url: str, tmp_path
     assert "done: step 60" in err
 
     assert order_log.read_text().splitlines() == order, "the per-step data order differs"
-    _assert_same_weights(_export(gcs_url, tmp_path / "final.safetensors"), weights)
+    assert_same_weights(_export(gcs_url, tmp_path / "final.safetensors"), weights)
     committed = gcs.committed()
     assert committed[-1] == 60 and len(committed) <= 2, committed  # retention kept keep_last=2
     assert not gcs.in_flight(), "debris of a killed save is left on gs://"

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from ckpt_files import data_path, read_manifest
 from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
+from helpers import assert_same_weights
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 DATA_FILES = ("model.safetensors", "state.safetensors", "state.json", "rng-rank00000.json")
@@ -108,12 +109,6 @@ def _assert_clean_failure(proc) -> None:
     lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"weights differ at {key}"
 
 
 def _exported_step(path: Path) -> int:
@@ -245,7 +240,7 @@ def test_export_never_unpickles_and_falls_back_or_fails_cleanly(hostile, baselin
         assert scope == "newest", "every checkpoint is hostile, yet export claims success"
         step = _exported_step(out)
         assert step in baseline["exports"] and step < 12, step
-        _assert_same_weights(load_file(str(out)), baseline["exports"][step])
+        assert_same_weights(load_file(str(out)), baseline["exports"][step])
     else:
         _assert_clean_failure(proc)
         assert not out.exists()
@@ -320,7 +315,7 @@ def test_a_resume_that_succeeds_leaves_a_usable_run(hostile, baseline, tmp_path:
     exported = run_cli("export", str(run_dir), str(out))
     assert exported.returncode == 0, exported.stderr
     assert _exported_step(out) == 12
-    _assert_same_weights(load_file(str(out)), baseline["exports"][12])
+    assert_same_weights(load_file(str(out)), baseline["exports"][12])
     assert not marker.exists()
 
 

@@ -24,6 +24,7 @@ from conftest import (
     start_cli,
     wait_for,
 )
+from helpers import assert_same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +56,6 @@ def _truncate_log(order_log: Path, run_dir: Path) -> None:
     if order_log.exists():
         lines = order_log.read_text().split("\n")
         order_log.write_text("".join(line + "\n" for line in lines[:keep]))
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"weights differ at {key}"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +94,7 @@ def test_sigkill_at_random_moments_resumes_bit_identical(tmp_path: Path, uninter
     assert proc.returncode == 0, err[-3000:]
     assert killed_during_save >= 2, "too few kills landed during a save"
     assert order_log.read_text().splitlines() == order, "the per-step data order differs"
-    _assert_same_weights(_export(run_dir, tmp_path / "final.safetensors"), weights)
+    assert_same_weights(_export(run_dir, tmp_path / "final.safetensors"), weights)
 
 
 def test_sigterm_saves_at_the_current_step_exits_75_and_resumes_bit_identical(tmp_path: Path, uninterrupted) -> None:
@@ -120,4 +115,4 @@ def test_sigterm_saves_at_the_current_step_exits_75_and_resumes_bit_identical(tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"step {stopped_step}" in proc.stderr
     assert order_log.read_text().splitlines() == order
-    _assert_same_weights(_export(run_dir, tmp_path / "final.safetensors"), weights)
+    assert_same_weights(_export(run_dir, tmp_path / "final.safetensors"), weights)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY_TASK, error_lines, run_cli
+from helpers import assert_same_weights
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 LONGER = "trainer.max_steps=15"
@@ -34,12 +35,6 @@ def _assert_one_error_line(proc, code: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"weights differ at {key}"
 
 
 def _export(target: str | Path, out: Path) -> dict[str, torch.Tensor]:
@@ -133,8 +128,8 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
     assert (back / "task" / "tiny.py").read_bytes() == Path(TINY_TASK).read_bytes()
     assert (back / "run.yaml").read_bytes() == (src / "run.yaml").read_bytes()
 
-    _assert_same_weights(_export(back, tmp_path / "back.safetensors"), finished["weights"])
-    _assert_same_weights(_export(gcs_url, tmp_path / "gcs.safetensors"), finished["weights"])
+    assert_same_weights(_export(back, tmp_path / "back.safetensors"), finished["weights"])
+    assert_same_weights(_export(gcs_url, tmp_path / "gcs.safetensors"), finished["weights"])
 
     # a second sync finds everything already there
     for a, b in ((src, gcs_url), (gcs_url, back)):
@@ -148,7 +143,7 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
     resumed = [line for line in proc.stderr.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and str(back / "checkpoints" / "step-000000012") in resumed[0], proc.stderr
     out = tmp_path / "final.safetensors"
-    _assert_same_weights(_export(back, out), finished["weights15"])
+    assert_same_weights(_export(back, out), finished["weights15"])
     assert _exported_step(out) == 15
 
 
@@ -214,7 +209,7 @@ def test_mirror_holds_the_run_and_resume_takes_it_from_there(finished, gcs_url: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     objects = _gs_files(gcs_url)
     assert {"run.yaml", "task/task.json", "task/tiny.py"} <= objects, objects
-    _assert_same_weights(_export(gcs_url, tmp_path / "mirror.safetensors"), finished["weights"])
+    assert_same_weights(_export(gcs_url, tmp_path / "mirror.safetensors"), finished["weights"])
 
     # the local disk loses every checkpoint: resume finds the newest one at the mirror
     shutil.rmtree(run_dir / "checkpoints")
@@ -225,7 +220,7 @@ def test_mirror_holds_the_run_and_resume_takes_it_from_there(finished, gcs_url: 
     assert _committed(run_dir) == [15]
     assert 15 in _committed(gcs_url)  # and the new checkpoint went to the mirror as well
     out = tmp_path / "final.safetensors"
-    _assert_same_weights(_export(run_dir, out), finished["weights15"])
+    assert_same_weights(_export(run_dir, out), finished["weights15"])
 
 
 def test_mirror_leaves_no_debris_when_the_primary_prunes_the_checkpoint_in_copy(finished, tmp_path: Path) -> None:
@@ -269,7 +264,7 @@ def test_resume_prefers_the_local_copy_when_both_hold_the_newest_step(finished, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = [line for line in proc.stderr.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and str(run_dir / "checkpoints" / "step-000000012") in resumed[0], proc.stderr
-    _assert_same_weights(_export(run_dir, tmp_path / "w.safetensors"), finished["weights15"])
+    assert_same_weights(_export(run_dir, tmp_path / "w.safetensors"), finished["weights15"])
 
 
 # -- inspect and env -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ckpt_files import data_path, flip_byte, folder_names, listed_names
 from conftest import TINY_TASK, error_lines, run_cli
+from helpers import assert_same_weights
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 NEWEST, OLDER = "step-000000012", "step-000000009"
@@ -54,12 +55,6 @@ def _one_error_line(proc, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"weights differ at {key}"
 
 
 def _exported_step(path: Path) -> int:
@@ -120,7 +115,7 @@ def test_export_falls_back_past_the_broken_checkpoint(baseline, flipped: Path, t
     assert len(skip) == 1 and NEWEST in skip[0] and "model.safetensors" in skip[0], proc.stderr
     reference = tmp_path / "ref.safetensors"
     run_cli("export", str(baseline[0] / "checkpoints" / OLDER), str(reference), check=True)
-    _assert_same_weights(load_file(str(out)), load_file(str(reference)))
+    assert_same_weights(load_file(str(out)), load_file(str(reference)))
 
     # asked for the broken checkpoint itself: exit 1, one line naming the file, nothing written
     out12 = tmp_path / "w12.safetensors"
@@ -146,7 +141,7 @@ def test_resume_falls_back_to_step_9_and_ends_bit_identical(baseline, flipped: P
     out = tmp_path / "final.safetensors"
     run_cli("export", str(flipped), str(out), check=True)
     assert _exported_step(out) == 12
-    _assert_same_weights(load_file(str(out)), baseline[1])
+    assert_same_weights(load_file(str(out)), baseline[1])
 
     # the final save rewrote step 12 because it failed verification: the whole run verifies now
     proc = run_cli("verify", str(flipped))
@@ -174,5 +169,5 @@ def test_resume_when_every_checkpoint_but_the_oldest_is_broken(baseline, flipped
     assert any("resumed from" in line and "step-000000006" in line for line in proc.stderr.splitlines()), proc.stderr
     out = tmp_path / "final.safetensors"
     run_cli("export", str(flipped), str(out), check=True)
-    _assert_same_weights(load_file(str(out)), baseline[1])
+    assert_same_weights(load_file(str(out)), baseline[1])
     assert run_cli("verify", str(flipped)).returncode == 0

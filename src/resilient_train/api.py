@@ -26,8 +26,7 @@ def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange
     from resilient_train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    trainer.config_changes = list(config_changes)
-    trainer.prepare_run(task)
+    trainer.prepare_run(task, config_changes)
     seed_everything(cfg.seed)
     parts = task.build(cfg.to_dictconfig())
     return trainer.fit(**{k: v for k, v in parts.items() if k not in BUILD_KEYS_NOT_FOR_FIT})

@@ -53,6 +53,7 @@ class CheckpointSaver:
         lease: Optional[Lease] = None,
         mirror: Optional[Mirror] = None,
         decide: Callable[[Any], Any] = lambda value: value,
+        last_path: Optional[str] = None,
     ) -> None:
         self.manager = manager
         self.ck = ck
@@ -70,12 +71,16 @@ class CheckpointSaver:
         self.auto = AutoAsync(verbose=self.rank == 0) if self.async_mode is AsyncMode.AUTO else None
         self.writer = BackgroundWriter()
         self.buffers = fmt.HostBuffers()
-        self.last_path: Optional[str] = None
+        self.last_path: Optional[str] = last_path  # the newest committed checkpoint (the resumed one at first)
         self.last_outcome: Optional[SaveOutcome] = None
         self.failures = 0
         self.slowest_save: Optional[float] = None  # seconds, what a session deadline must leave room for
         self._async_run = False
         self._last_step_end = time.monotonic()
+
+    def set_device_micro_batch(self, size: int) -> None:
+        """The device micro-batch changed (auto, after an out-of-memory error): later manifests say so."""
+        self.meta["device_micro_batch"] = size
 
     # -- policy --------------------------------------------------------------------------------
     def due(self, step: int, time_due: bool = False) -> bool:

@@ -1,0 +1,129 @@
+"""Resume: the newest valid checkpoint of the run folder (or its mirror), restored on every rank.
+
+Rank 0 lists and verifies, decodes the candidate and checks it against the live objects (a
+checkpoint that does not fit the model, optimizer, scheduler or data source is skipped like a
+corrupt one); its choice is broadcast and every rank restores its own files. What the resume can
+promise (bit-exact, sample-exact, approximate) is assessed here, printed, and returned as a
+record for the session log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from lightning_fabric import Fabric
+
+from resilient_train import state as state_lib
+from resilient_train.checkpoint import CheckpointManager
+from resilient_train.checkpoint import format as fmt
+from resilient_train.checkpoint.manager import LoadedCheckpoint, load_newest_valid
+from resilient_train.config import ConfigChange
+from resilient_train.data import resumed_order
+from resilient_train.data_iterable import check_position, world_size_refusal
+from resilient_train.env import fingerprint
+from resilient_train.errors import CheckpointError, UsageError
+from resilient_train.loop.comm import info
+from resilient_train.loop.layout import RunLayout
+from resilient_train.portability import ResumeAssessment, assess
+
+log = logging.getLogger("resilient_train")
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """The live objects a checkpoint is restored into."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+
+
+@dataclass
+class Resumed:
+    """Where a session starts: fresh (step None) or from a restored checkpoint."""
+
+    progress: state_lib.Progress = field(default_factory=state_lib.Progress)
+    step: Optional[int] = None  # the checkpoint's step, None for a fresh start
+    path: Optional[str] = None  # the checkpoint's URL
+    layout: Optional[RunLayout] = None  # the session's layout with the order the run started with
+    data: Any = None  # this rank's position in an iterable train_data
+    metrics: dict[str, Any] = field(default_factory=dict)  # loss and val_loss the checkpoint recorded
+    assessment: Optional[ResumeAssessment] = None
+
+
+def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: TrainingParts, layout: RunLayout, max_steps: int,
+           precision: Optional[str], changes: Sequence[ConfigChange]) -> Resumed:
+    """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
+    rank = fabric.global_rank
+    wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, *fmt.rank_files(rank)}
+    choice, found = _choose(fabric, managers, parts, wanted)
+    if choice is None:
+        return Resumed(layout=layout)
+    index, step = choice
+    if step > max_steps:  # every rank knows the step: all stop here
+        message = f"trainer.max_steps={max_steps} is below the run's step {step}; resume with trainer.max_steps={step} or more"
+        raise UsageError(message) if rank == 0 else SystemExit(UsageError.exit_code)
+    if found is not None:
+        _, loaded, snapshot = found
+    else:
+        loaded = managers[index].load(managers[index].info(step), wanted)
+        snapshot = loaded.snapshot(rank)
+    progress, problems = state_lib.restore(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
+    for problem in problems:
+        log.warning("rank %d: %s", rank, problem)
+    info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
+    recorded = loaded.manifest.get("metrics")
+    # a shuffled run keeps the order algorithm it started with (checkpoints before feistel-v1: randperm)
+    layout = layout.with_order(resumed_order(loaded.manifest.get("order"), layout.order))
+    assessment = _assess(fabric, loaded.manifest, layout, precision, changes)
+    return Resumed(progress=progress, step=step, path=loaded.info.path, layout=layout, data=snapshot.data,
+                   metrics=dict(recorded) if isinstance(recorded, dict) else {}, assessment=assessment)
+
+
+def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: TrainingParts,
+            wanted: set[str]) -> tuple[Optional[tuple[int, int]], Any]:
+    """((manager index, step) or None, what rank 0 already loaded): rank 0 decides, every rank hears it."""
+    rank = fabric.global_rank
+    misfits: list[CheckpointError] = []
+
+    def decode(loaded: LoadedCheckpoint) -> fmt.Snapshot:
+        """Decode and check against the live objects: one that does not fit is skipped too."""
+        snapshot = loaded.snapshot(rank)
+        try:
+            state_lib.check(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
+            if snapshot.data is not None:  # a garbled data position: this checkpoint is skipped too
+                check_position(snapshot.data)
+        except CheckpointError as exc:
+            misfits.append(exc)
+            raise
+        return snapshot
+
+    choice: Any = None
+    found = None
+    if rank == 0:
+        found = load_newest_valid(list(managers), wanted, decode=decode)
+        if found is not None:
+            choice = (found[0], found[1].info.step)
+        elif misfits:  # the model changed, not the checkpoints: never silently start over
+            choice = ("error", str(misfits[0]))
+    choice = fabric.broadcast(choice)
+    if choice is not None and choice[0] == "error":
+        raise CheckpointError(choice[1])
+    return (tuple(choice) if choice is not None else None), found
+
+
+def _assess(fabric: Fabric, manifest: dict[str, Any], layout: RunLayout, precision: Optional[str],
+            changes: Sequence[ConfigChange]) -> ResumeAssessment:
+    """Say what this resume keeps exact (refusing what it cannot do at all), and return it as a record."""
+    now = {"world_size": fabric.world_size, "precision": precision, "environment": fingerprint(), **layout.to_json(),
+           "config_changes": [change.key for change in changes if change.guarded]}
+    refusal = world_size_refusal(manifest, now)  # iterable train_data: positions are per shard
+    if refusal is not None:
+        raise UsageError(refusal) if fabric.global_rank == 0 else SystemExit(UsageError.exit_code)
+    assessment = assess(manifest, now)
+    for line in assessment.lines:
+        info(fabric, line)
+    return assessment

@@ -1,0 +1,136 @@
+"""The loop: read it top to bottom.
+
+Each optimizer step: forward/backward over the step's batches, clip, update, schedule; then the
+log window, validation, the session deadline, and a save when one is due or the run must stop.
+Under DDP "stop" and "time-based save" are agreed a step late without a host sync (agreement.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Optional
+
+from resilient_train import state as state_lib
+from resilient_train.agreement import StepAgreement
+from resilient_train.checkpoint import format as fmt
+from resilient_train.config import TrainerConfig
+from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
+from resilient_train.errors import TrainingStopped
+from resilient_train.loop.comm import info
+from resilient_train.loop.session import Session
+from resilient_train.loop.validate import validate
+from resilient_train.loop.window import LogWindow, progress_bar
+from resilient_train.metrics import MetricsLogger
+
+
+def train(session: Session) -> tuple[Optional[float], Optional[float]]:
+    """Steps to `max_steps` (or `max_epochs`); returns (last loss, last val loss)."""
+    s, fabric, saver, progress = session.setup, session.setup.fabric, session.saver, session.progress
+    tcfg, (model, optimizer, scheduler, _) = s.cfg.trainer, (s.parts.model, s.parts.optimizer, s.parts.scheduler, s.parts.scaler)
+    deadline = _deadline(session)
+    metrics = MetricsLogger.for_run(s.run, session.number, s.cfg, progress.step) if fabric.global_rank == 0 else None
+    window = LogWindow(fabric, tcfg, metrics, progress_bar(fabric, tcfg, progress.step), s.layout.global_batch)
+    agreement = StepAgreement(fabric.world_size, fabric.global_rank)
+    loss: Optional[float] = None  # measured in this session: what its checkpoints record
+    val_loss: Optional[float] = None
+    with _closing(window, agreement):
+        while progress.step < tcfg.max_steps and not _epochs_done(tcfg, s.stream):
+            loss_sum = session.forward_backward.run(progress, window.custom)
+            saver.before_update()  # a background save finishes copying the state first
+            if tcfg.gradient_clip_val is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            progress.step += 1
+            progress.epoch, progress.cursor = s.stream.epoch, s.stream.cursor
+            window.step_done()
+            saver.on_step_end()  # surfaces a background save's outcome
+
+            step = progress.step
+            last_step = step == tcfg.max_steps or _epochs_done(tcfg, s.stream)
+            if window.due(step, last_step):
+                loss = window.close(step, progress.epoch, loss_sum, s.micro_batches, optimizer.param_groups[0]["lr"])
+            if s.val_loader is not None and ((tcfg.val_every_n_steps and step % tcfg.val_every_n_steps == 0) or last_step):
+                val_loss = _validate(session, metrics)
+            if deadline is not None and deadline.expired(saver.slowest_save):
+                session.stop.request("session budget")
+            # no host sync per step: under DDP these are the flags all ranks raised a step ago
+            stopping, time_due = agreement.exchange(session.stop.reason is not None, saver.policy.time_due())
+            if stopping or last_step or saver.due(step, time_due):
+                if metrics is not None:  # before the commit: a kill right after it loses no rows
+                    metrics.flush()
+                saver.save(step, lambda: _capture(session), {"loss": loss, "val_loss": val_loss}, final=stopping or last_step)
+            if stopping:
+                saver.finish()
+                stopped = TrainingStopped(step, session.stop.reason or "another rank", rank=fabric.global_rank)
+                info(fabric, str(stopped))  # the one line that says it (the CLI prints nothing more)
+                raise stopped
+        saver.finish()
+    # a session that logged nothing (a finished run fitted again) reports the checkpoint's losses
+    recorded = session.resumed.metrics
+    return (loss if loss is not None else _finite(recorded.get("loss")),
+            val_loss if val_loss is not None else _finite(recorded.get("val_loss")))
+
+
+def _capture(session: Session) -> fmt.Snapshot:
+    """The whole training state at this step boundary (the saver calls it when it saves)."""
+    p = session.setup.parts
+    return state_lib.capture(p.model, p.optimizer, p.scheduler, p.scaler, session.progress, data=session.setup.stream.state_dict())
+
+
+def _validate(session: Session, metrics: Optional[MetricsLogger]) -> float:
+    """Validate, keep the best val_loss in the progress record, and report it."""
+    s, progress = session.setup, session.progress
+    val_loss = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
+    best = progress.best.get("val_loss")
+    if best is None or val_loss < best:
+        progress.best["val_loss"] = val_loss
+    info(s.fabric, f"step {progress.step}: val_loss {val_loss:.4f}")
+    if metrics is not None:
+        metrics.log(progress.step, epoch=progress.epoch, val_loss=val_loss)
+    return val_loss
+
+
+def _deadline(session: Session) -> Optional[SessionDeadline]:
+    """The session budget (Colab's limit by default on Colab), announced once; None when unlimited."""
+    budget = budget_seconds(session.setup.cfg.checkpoint.session_budget)
+    if not budget:
+        return None
+    info(session.setup.fabric, f"session budget {_duration(budget)}: the run saves and exits 75 before it runs out")
+    return SessionDeadline(budget, session_elapsed_offset())
+
+
+@contextlib.contextmanager
+def _closing(window: LogWindow, agreement: StepAgreement) -> Iterator[None]:
+    """Close the progress bar and flush metrics however the loop ends (done, stopped, crashed)."""
+    try:
+        try:
+            yield
+        except TrainingStopped:
+            agreement.close()  # every rank stops at the same step with one exchange in flight
+            raise
+        agreement.close()
+    finally:
+        window.bar.close()
+        if window.metrics is not None:
+            window.metrics.close()
+
+
+def _epochs_done(cfg: TrainerConfig, stream: Any) -> bool:
+    """Whether `trainer.max_epochs` full passes over the data are behind (never, when unset)."""
+    return cfg.max_epochs is not None and stream.completed_epochs >= cfg.max_epochs
+
+
+def _finite(value: Any) -> Optional[float]:
+    """A recorded metric as a float, or None when it is missing or not a finite number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -19,7 +19,7 @@ import tracemalloc
 
 import torch
 
-from resilient_train.permutation import FeistelOrder
+from resilient_train.data.permutation import FeistelOrder
 
 
 def feistel(n: int, batch: int, reps: int = 7) -> tuple[float, int]:

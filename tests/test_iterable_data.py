@@ -25,7 +25,8 @@ from torch import nn
 from resilient_train import Trainer, UsageError
 from resilient_train.checkpoint import format as fmt
 from resilient_train.data import build_stream
-from resilient_train.data_iterable import IterableStream, RankShard, fingerprint, world_size_refusal
+from resilient_train.data.iterable import IterableStream, fingerprint, world_size_refusal
+from resilient_train.data.shards import RankShard
 from resilient_train.errors import CheckpointError
 
 STREAM_TASK = str(REPO / "tests" / "tasks" / "stream.py")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from resilient_train.permutation import FeistelOrder
+from resilient_train.data.permutation import FeistelOrder
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 100, 255, 256, 257, 1000, 4099])

@@ -64,7 +64,7 @@ def exactness(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, list[str
     if "drop_last" in saved and "drop_last" in now and saved["drop_last"] != now["drop_last"]:
         reasons.append(f"drop_last {saved['drop_last']} -> {now['drop_last']}")
         approximate = True
-    if now.get("order") == "iterable" and saved_order == "iterable":  # data_iterable.py: how the position is found
+    if now.get("order") == "iterable" and saved_order == "iterable":  # data/iterable.py: how the position is found
         if now.get("data_position") == "skip" or saved.get("data_position") == "skip":
             reasons.append("train_data has no state_dict(): each rank skips the batches it had consumed, which repeats "
                            "the run only if train_data yields the same items in the same order on every pass")

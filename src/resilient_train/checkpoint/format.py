@@ -53,7 +53,7 @@ class Snapshot:
     model: dict[str, torch.Tensor]
     train: dict[str, Any]  # optimizer, scheduler, scaler, progress counters, metrics
     rng: Optional[dict[str, Any]] = None  # this rank's RNG states
-    data: Optional[dict[str, Any]] = None  # this rank's position in an iterable train_data (data_iterable.py)
+    data: Optional[dict[str, Any]] = None  # this rank's position in an iterable train_data (data/iterable.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

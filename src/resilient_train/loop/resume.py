@@ -21,7 +21,7 @@ from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.manager import LoadedCheckpoint, load_newest_valid
 from resilient_train.config import ConfigChange
 from resilient_train.data import resumed_order
-from resilient_train.data_iterable import check_position, world_size_refusal
+from resilient_train.data.iterable import check_position, world_size_refusal
 from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, UsageError
 from resilient_train.loop.comm import info

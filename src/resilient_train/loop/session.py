@@ -21,7 +21,7 @@ from resilient_train.checkpoint.mirror import Mirror
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig
-from resilient_train.data import build_eval_loader, build_stream
+from resilient_train.data import BatchSource, build_eval_loader, build_source
 from resilient_train.env import fingerprint
 from resilient_train.errors import TrainingStopped
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
@@ -60,8 +60,7 @@ class Setup:
     cfg: RunConfig
     parts: TrainingParts
     step_fn: StepFn
-    stream: Any  # BatchStream or IterableStream: next(), epoch, cursor, seek(), state_dict()
-    sampler: Any  # what the layout and the order come from (the stream itself for an iterable)
+    stream: BatchSource  # map-style or iterable, one interface (data/source.py)
     val_loader: Any
     micro_batches: int
     layout: RunLayout
@@ -103,16 +102,15 @@ def build_setup(fabric: Fabric, cfg: RunConfig, inputs: FitInputs) -> Setup:
     optimizer = fabric.setup_optimizers(parts_lib.make_optimizer(inputs.optimizer, model))
     scheduler = parts_lib.make_scheduler(inputs.scheduler, optimizer)
     scaler = getattr(fabric.strategy.precision, "scaler", None)
-    # an iterable train_data gets an IterableStream, which is its own "sampler" (data_iterable.py)
-    stream, sampler = build_stream(inputs.train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers, tcfg.max_epochs)
-    val_loader = build_eval_loader(inputs.val_data, sampler.batch_size, rank, world) if inputs.val_data is not None else None
-    micro_batches = parts_lib.accumulation(fabric, tcfg, sampler.global_batch)
+    source = build_source(inputs.train_data, tcfg.batch_size, cfg.seed, rank, world, tcfg.num_workers, tcfg.max_epochs)
+    val_loader = build_eval_loader(inputs.val_data, source.batch_size, rank, world) if inputs.val_data is not None else None
+    micro_batches = parts_lib.accumulation(fabric, tcfg, source.global_batch)
     run = Storage(cfg.run_dir)
-    chunking = parts_lib.micro_batch_fit(fabric, tcfg, sampler.batch_size, run)
-    layout = RunLayout.of_source(sampler.layout(), sampler.batch_size, sampler.global_batch * micro_batches).with_chunking(
+    chunking = parts_lib.micro_batch_fit(fabric, tcfg, source.batch_size, run)
+    layout = RunLayout.of_source(source.layout(), source.batch_size, source.global_batch * micro_batches).with_chunking(
         chunking.size if chunking is not None and chunking.splits else None, chunking is not None and chunking.auto)
     return Setup(fabric, cfg, TrainingParts(model, optimizer, scheduler, scaler), inputs.training_step or parts_lib.default_training_step,
-                 stream, sampler, val_loader, micro_batches, layout, chunking, run, _managers(fabric, cfg, run))
+                 source, val_loader, micro_batches, layout, chunking, run, _managers(fabric, cfg, run))
 
 
 def _managers(fabric: Fabric, cfg: RunConfig, run: Storage) -> list[CheckpointManager]:
@@ -145,7 +143,7 @@ def start(setup: Setup, stop: StopRequest, identity: RunIdentity) -> Session:
         info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
         raise TrainingStopped(resumed.progress.step, stop.reason or "signal", rank=fabric.global_rank)
     layout = resumed.layout or setup.layout
-    setup.sampler.use_order(layout.order)
+    setup.stream.use_order(layout.order)
     setup.stream.seek(resumed.progress.epoch, resumed.progress.cursor, resumed.data)
     number, saver = _record_and_saver(setup, layout, resumed, identity)
     return Session(setup, stop, resumed, saver, number)

@@ -17,6 +17,7 @@ import torch
 from lightning_fabric import Fabric
 
 from resilient_train import state as state_lib
+from resilient_train.data.source import BatchSource
 from resilient_train.loop.parts import StepFn
 from resilient_train.microbatch import MicroBatchFit, split_batch
 from resilient_train.step_metrics import MetricWindow, split_output
@@ -32,7 +33,7 @@ class ForwardBackward:
     model: Any
     optimizer: Any
     step_fn: StepFn
-    stream: Any  # the data source: next(), last_consumed, last_local
+    stream: BatchSource
     micro_batches: int
     chunking: Optional[MicroBatchFit] = None
     on_resize: Callable[[int], None] = lambda size: None  # told the new device micro-batch after an OOM

@@ -1,6 +1,6 @@
 """Iterable train_data: streams whose position is kept per rank, with the source's own state.
 
-A map-style Dataset is resumed by the sampler in data.py at a global cursor, in O(1) and on any
+A map-style Dataset is resumed by the sampler in data/map_style.py at a global cursor, in O(1) and on any
 world size. An iterable has no index to jump to: its position lives in the source itself. So:
 
 - A source with `state_dict()` / `load_state_dict()` (a Hugging Face `datasets.IterableDataset`,
@@ -41,17 +41,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-from resilient_train.data import ITERABLE, _worker_settings, batch_seed, seeded
+from resilient_train.data.kinds import has_state, is_hf_iterable, is_stateful_loader
+from resilient_train.data.order import ITERABLE
+from resilient_train.data.seeding import batch_seed, seeded, worker_settings
+from resilient_train.data.shards import shard, shuffle_buffer
 from resilient_train.errors import CheckpointError, UsageError
 
 log = logging.getLogger("resilient_train")
@@ -59,84 +61,6 @@ log = logging.getLogger("resilient_train")
 BY_STATE, BY_SKIPPING = "state", "skip"  # the `data_position` it records: how a resume finds the position
 STATE_FORMAT, STATE_VERSION = "resilient_train.data-position", 1
 _FINGERPRINT_BYTES = 1 << 16  # of each tensor: enough to tell batches apart, cheap for large ones
-
-
-def is_iterable(data: Any) -> bool:
-    """Whether `data` (a dataset or a DataLoader) is an iterable source rather than a map-style one."""
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    return isinstance(dataset, IterableDataset) or _is_hf_iterable(dataset)
-
-
-def _is_hf_iterable(obj: Any) -> bool:
-    return type(obj).__name__ == "IterableDataset" and type(obj).__module__.startswith("datasets.")
-
-
-def _has_state(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def _is_stateful_loader(loader: Any) -> bool:
-    return type(loader).__name__ == "StatefulDataLoader" and type(loader).__module__.startswith("torchdata.")
-
-
-class RankShard(IterableDataset):
-    """Rank `rank` of `world_size`: item `rank` of every `world_size` consecutive items of `dataset`.
-
-    A last round with fewer than `world_size` items is dropped, so every rank gets as many items
-    and the ranks' epochs end at the same batch. Every rank reads the whole stream; a dataset
-    that shards itself by `torch.distributed.get_rank()` must not be given to the trainer too.
-    """
-
-    def __init__(self, dataset: Any, rank: int, world_size: int) -> None:
-        self.dataset = dataset
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self.dataset)
-        while True:
-            round_ = list(itertools.islice(iterator, self.world_size))  # whole rounds: the inner state stays between them
-            if len(round_) < self.world_size:
-                return
-            yield round_[self.rank]
-
-
-class StatefulRankShard(RankShard):
-    """A RankShard of a dataset with state: its state is the inner one, taken between whole rounds."""
-
-    def state_dict(self) -> Any:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: Any) -> None:
-        self.dataset.load_state_dict(state)
-
-
-def shard(dataset: Any, rank: int, world_size: int) -> Any:
-    """This rank's shard of an iterable dataset (itself on one process)."""
-    if world_size == 1:
-        return dataset
-    if _is_hf_iterable(dataset):
-        if getattr(dataset, "_distributed", None) is not None:
-            return dataset  # already split by node (by the user): splitting again would split the split
-        from datasets.distributed import split_dataset_by_node
-
-        return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-    return (StatefulRankShard if _has_state(dataset) else RankShard)(dataset, rank, world_size)
-
-
-def _shuffle_buffer(dataset: Any) -> bool:
-    """Whether a Hugging Face dataset shuffles through a buffer (its content is not in its state)."""
-    pending, seen = [getattr(dataset, "_ex_iterable", None)], 0
-    while pending and seen < 100:
-        node = pending.pop()
-        seen += 1
-        if node is None:
-            continue
-        if type(node).__name__ == "BufferShuffledExamplesIterable":
-            return True
-        pending.append(getattr(node, "ex_iterable", None))
-        pending.extend(getattr(node, "ex_iterables", None) or [])
-    return False
 
 
 def build_iterable_stream(data: Any, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int = 0,
@@ -154,14 +78,14 @@ def build_iterable_stream(data: Any, batch_size: int, seed: int, rank: int, worl
     drop_last = False
     kind: Callable[..., DataLoader] = DataLoader
     if isinstance(data, DataLoader):
-        if type(data) is not DataLoader and not _is_stateful_loader(data):
+        if type(data) is not DataLoader and not is_stateful_loader(data):
             _refuse(rank, f"train_data is a {type(data).__name__} over an IterableDataset; give the dataset, a torch "
                           "DataLoader or torchdata's StatefulDataLoader so the trainer can shard it per rank")
         dataset, collate, drop_last = data.dataset, data.collate_fn, data.drop_last
         batch_size = data.batch_size if data.batch_size is not None else batch_size
         unbatched = data.batch_size is None
-        settings = _worker_settings(data)
-        if _is_stateful_loader(data):
+        settings = worker_settings(data)
+        if is_stateful_loader(data):
             kind = type(data)
             settings["snapshot_every_n_steps"] = getattr(data, "snapshot_every_n_steps", 1)
     else:
@@ -169,18 +93,18 @@ def build_iterable_stream(data: Any, batch_size: int, seed: int, rank: int, worl
     sharded = shard(dataset, rank, world_size)
     workers = int(settings.get("num_workers", 0))
     stateful_loader = kind is not DataLoader
-    if not stateful_loader and _has_state(sharded) and workers > 0:
+    if not stateful_loader and has_state(sharded) and workers > 0:
         _refuse(rank, f"train_data has state_dict() but is read by {workers} DataLoader workers, which read ahead of "
                       "training, so its state is not that of the batches trained on; use torchdata's "
                       "StatefulDataLoader (same arguments) or num_workers=0")
     generator = torch.Generator()
     loader = kind(sharded, batch_size=None if unbatched else batch_size, drop_last=drop_last, collate_fn=collate,
                   generator=generator, **settings)
-    source: Any = loader if stateful_loader else (sharded if _has_state(sharded) else None)
+    source: Any = loader if stateful_loader else (sharded if has_state(sharded) else None)
     caveat = None
-    if source is not None and _shuffle_buffer(sharded):
+    if source is not None and shuffle_buffer(sharded):
         caveat = "the Hugging Face shuffle buffer (IterableDataset.shuffle) is refilled on resume: the samples it held are lost"
-    set_epoch = getattr(sharded, "set_epoch", None) if _is_hf_iterable(sharded) else None
+    set_epoch = getattr(sharded, "set_epoch", None) if is_hf_iterable(sharded) else None
     return IterableStream(loader, source, batch_size, seed, rank, world_size, workers=workers, generator=generator,
                           set_epoch=set_epoch, caveat=caveat, drop_last=drop_last)
 

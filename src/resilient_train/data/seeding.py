@@ -1,0 +1,115 @@
+"""Seeded fetching: a micro-batch's randomness is a function of its position, not of the worker.
+
+See the package docstring: every micro-batch is fetched and collated under a seed derived from
+(seed, epoch, global position, rank), in whichever process fetches it, and the main process's
+own RNG streams are put back afterwards. Shared by map-style and iterable sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def batch_seed(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of `parts` (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class BatchKey(NamedTuple):
+    """What the DataLoader hands a worker for one micro-batch: its sample indices and its seed."""
+
+    indices: tuple[int, ...]
+    seed: int
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed `random`, torch's CPU generator and NumPy's global one; restore all three afterwards.
+
+    Only the CPU generator is touched (`torch.manual_seed` would also reseed CUDA and so move the
+    main process's GPU dropout stream when batches are fetched in the main process).
+    """
+    np = _numpy()
+    saved_py, saved_torch = random.getstate(), torch.get_rng_state()
+    saved_np = np.random.get_state() if np is not None else None
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(saved_py)
+        torch.set_rng_state(saved_torch)
+        if np is not None:
+            np.random.set_state(saved_np)
+
+
+class SeededBatches(Dataset):
+    """The dataset as the DataLoader sees it: item `BatchKey` is one whole micro-batch.
+
+    Fetching and collating both happen under the batch's seed, in whichever process fetches it.
+    `unbatched` mirrors a DataLoader with `batch_size=None`: each micro-batch is one item, given to
+    the collate function alone.
+    """
+
+    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], unbatched: bool = False) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.unbatched = unbatched
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: BatchKey) -> Any:
+        with seeded(key.seed):
+            if self.unbatched:
+                return self.collate_fn(self.dataset[key.indices[0]])
+            getitems = getattr(self.dataset, "__getitems__", None)  # batched fetch, as torch's fetcher does
+            items = getitems(list(key.indices)) if getitems else [self.dataset[i] for i in key.indices]
+            return self.collate_fn(items)
+
+
+def whole_batch(batch: Any) -> Any:
+    """The loader's collate function: SeededBatches already collated the micro-batch."""
+    return batch
+
+
+def worker_settings(loader: DataLoader) -> dict[str, Any]:
+    """The given DataLoader's process and memory settings, carried over unchanged."""
+    settings: dict[str, Any] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+                                "worker_init_fn": loader.worker_init_fn, "timeout": loader.timeout}
+    if loader.num_workers > 0:
+        settings["persistent_workers"] = loader.persistent_workers
+        settings["multiprocessing_context"] = loader.multiprocessing_context
+        if loader.prefetch_factor is not None:
+            settings["prefetch_factor"] = loader.prefetch_factor
+        if getattr(loader, "in_order", True) is False:
+            settings["in_order"] = False
+    device = getattr(loader, "pin_memory_device", None)
+    if loader.pin_memory and device:
+        settings["pin_memory_device"] = device
+    return settings
+
+
+def loader_generator() -> torch.Generator:
+    """The loader's own generator: creating an iterator draws worker base seeds from it, never from
+    the global torch RNG (that would shift dropout masks after a mid-epoch resume)."""
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    return generator

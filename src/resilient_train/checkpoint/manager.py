@@ -24,9 +24,9 @@ import errno
 import logging
 import re
 import uuid
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
+from resilient_train.checkpoint.info import COMMITTED, CORRUPT, INCOMPLETE, CheckpointInfo, LoadedCheckpoint
 from resilient_train.checkpoint.manifest import (
     MANIFEST,
     FormatTooNewError,
@@ -37,16 +37,13 @@ from resilient_train.checkpoint.manifest import (
     parse_step_dir,
     step_dir,
 )
+from resilient_train.checkpoint.retention import RetentionPolicy
+from resilient_train.checkpoint.selection import load_newest_valid
 from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
 
-if TYPE_CHECKING:
-    from resilient_train.checkpoint.format import Snapshot
-    from resilient_train.checkpoint.retention import RetentionPolicy
-
 log = logging.getLogger(__name__)
 
-COMMITTED, INCOMPLETE, CORRUPT = "committed", "incomplete", "corrupt"
 # Names this library writes inside a step folder, and so may collect: token-suffixed data files
 # (`name.<10 hex>.ext`) and temporary files of the local atomic writes (`.name.<8 hex>.tmp`).
 _OURS = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*\.[0-9a-f]{10}\.[A-Za-z0-9]+|\..+\.[0-9a-f]{8}\.tmp)$")
@@ -79,47 +76,6 @@ def is_no_space(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-@dataclass
-class CheckpointInfo:
-    """One `step-N` folder as `ls` shows it."""
-
-    step: int
-    path: str
-    status: str
-    bytes: int = 0
-    created_at: Optional[str] = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    manifest: Optional[dict[str, Any]] = None
-    reason: Optional[str] = None
-    too_new: bool = False  # written by a newer format version
-    entries: dict[str, dict] = field(default_factory=dict, repr=False)  # the folder's listing
-
-    @property
-    def names(self) -> frozenset[str]:
-        """Every file name in the folder when it was listed."""
-        return frozenset(self.entries)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "path": self.path, "status": self.status, "bytes": self.bytes,
-            "created_at": self.created_at, "metrics": self.metrics, "reason": self.reason,
-        }
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A verified checkpoint's manifest and the file contents one rank needs (by logical name)."""
-
-    info: CheckpointInfo
-    manifest: dict[str, Any]
-    files: dict[str, bytearray]
-
-    def snapshot(self, rank: int) -> "Snapshot":
-        from resilient_train.checkpoint import format as fmt
-
-        return fmt.decode(self.files, rank)
 
 
 class CheckpointManager:
@@ -320,7 +276,7 @@ class CheckpointManager:
         return found[1] if found else None
 
     # -- retention and garbage collection -----------------------------------------------------
-    def prune(self, policy: "RetentionPolicy", newest_step: int, infos: Optional[builtins.list[CheckpointInfo]] = None,
+    def prune(self, policy: RetentionPolicy, newest_step: int, infos: Optional[builtins.list[CheckpointInfo]] = None,
               verified: bool = False) -> builtins.list[int]:
         """Apply `policy` right after `newest_step` was committed; returns the steps removed.
 
@@ -352,7 +308,7 @@ class CheckpointManager:
             return False
         return True
 
-    def make_room(self, policy: "RetentionPolicy", infos: Optional[builtins.list[CheckpointInfo]] = None) -> builtins.list[int]:
+    def make_room(self, policy: RetentionPolicy, infos: Optional[builtins.list[CheckpointInfo]] = None) -> builtins.list[int]:
         """A save failed for lack of space: delete what the policy would prune once it commits.
 
         The policy is applied as if one more checkpoint were committed; the newest valid
@@ -417,63 +373,7 @@ def _size(entry: dict) -> int:
         return -1
 
 
-def load_newest_valid(
-    managers: list[CheckpointManager],
-    wanted: Optional[set[str]] = None,
-    decode: Optional[Callable[[LoadedCheckpoint], Any]] = None,
-    on_skip: Optional[Callable[[CheckpointInfo, str], None]] = None,
-) -> Optional[tuple[int, LoadedCheckpoint, Any]]:
-    """Across several storages (run folder, mirror), the newest checkpoint that verifies and decodes.
-
-    Returns (index of the manager it came from, the loaded checkpoint, `decode(loaded)`); ties go
-    to the first manager. Whatever is wrong with a checkpoint (a missing file, a bad checksum,
-    contents that verify but do not decode, hostile JSON) skips that checkpoint alone, reported in
-    one line; resume then falls back to the next older one.
-    """
-    candidates = sorted(
-        ((info, index) for index, manager in enumerate(managers) for info in manager.list()),
-        key=lambda pair: (-pair[0].step, pair[1]),
-    )
-    for info, index in candidates:
-        if info.too_new:
-            raise FormatTooNewError(f"{info.path}: {info.reason}")
-        if info.status != COMMITTED:
-            log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
-            continue
-        try:
-            loaded = managers[index].load(info, wanted)
-        except CheckpointError as exc:
-            _skip(info, str(exc), on_skip)
-            continue
-        except OSError:
-            raise  # the storage failed (after retries), not the checkpoint: do not fall back past it
-        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint skips that checkpoint alone
-            _skip(info, f"it cannot be read ({type(exc).__name__}: {_first_line(exc)})", on_skip)
-            continue
-        try:
-            value = decode(loaded) if decode is not None else None
-        except FormatTooNewError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - verifies but does not decode: foreign or hostile
-            managers[index].distrusted.add(info.step)
-            reason = str(exc) if isinstance(exc, CheckpointError) else f"it cannot be decoded ({type(exc).__name__}: {_first_line(exc)})"
-            _skip(info, reason, on_skip)
-            continue
-        return index, loaded, value
-    return None
-
-
-def _skip(info: CheckpointInfo, reason: str, on_skip: Optional[Callable[[CheckpointInfo, str], None]]) -> None:
-    log.warning("skipping checkpoint %s: %s", info.path, reason)
-    if on_skip is not None:
-        on_skip(info, reason)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
-
-
 __all__ = [
     "COMMITTED", "CORRUPT", "INCOMPLETE", "CheckpointInfo", "CheckpointManager", "LoadedCheckpoint",
-    "is_no_space", "load_newest_valid", "new_token", "physical", "stored_name",
+    "is_no_space", "new_token", "physical", "stored_name",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from resilient_train.checkpoint.manager import COMMITTED, CheckpointInfo
+from resilient_train.checkpoint.info import COMMITTED, CheckpointInfo
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -105,8 +106,8 @@ def build_iterable_stream(data: Any, batch_size: int, seed: int, rank: int, worl
     if source is not None and shuffle_buffer(sharded):
         caveat = "the Hugging Face shuffle buffer (IterableDataset.shuffle) is refilled on resume: the samples it held are lost"
     set_epoch = getattr(sharded, "set_epoch", None) if is_hf_iterable(sharded) else None
-    return IterableStream(loader, source, batch_size, seed, rank, world_size, workers=workers, generator=generator,
-                          set_epoch=set_epoch, caveat=caveat, drop_last=drop_last)
+    return IterableStream(loader, source, StreamPlace(batch_size, seed, rank, world_size),
+                          StreamOptions(workers=workers, generator=generator, set_epoch=set_epoch, caveat=caveat, drop_last=drop_last))
 
 
 def _refuse(rank: int, message: str) -> None:
@@ -126,6 +127,27 @@ def world_size_refusal(manifest: Mapping[str, Any], now: Mapping[str, Any]) -> O
             f"resume with {saved} processes (trainer.devices x trainer.num_nodes), or start a new run with another --run-dir")
 
 
+@dataclass(frozen=True)
+class StreamPlace:
+    """Where a stream sits in the run: its batch size, the run's seed, and its rank among world_size."""
+
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a stream reads its source: loader workers and generator, epoch hook, and what its state loses."""
+
+    workers: int = 0
+    generator: Optional[torch.Generator] = None
+    set_epoch: Optional[Callable[[int], None]] = None
+    caveat: Optional[str] = None
+    drop_last: bool = False
+
+
 class IterableStream:
     """Endless batches from an iterable source across epochs, with the position of the batches returned.
 
@@ -135,21 +157,16 @@ class IterableStream:
     for this rank's entry in a checkpoint.
     """
 
-    def __init__(self, loader: Any, source: Any, batch_size: int, seed: int, rank: int, world_size: int, *,
-                 workers: int = 0, generator: Optional[torch.Generator] = None,
-                 set_epoch: Optional[Callable[[int], None]] = None, caveat: Optional[str] = None,
-                 drop_last: bool = False) -> None:
+    def __init__(self, loader: Any, source: Any, place: StreamPlace, options: Optional[StreamOptions] = None) -> None:
+        options = options or StreamOptions()
         self.loader = loader
         self.source = source  # what has state_dict/load_state_dict (the dataset or the loader), or None
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.workers = workers
-        self.generator = generator
-        self.set_epoch = set_epoch
-        self.caveat = caveat  # why loading the state does not give back the exact position, if it does not
-        self.drop_last = drop_last
+        self.batch_size, self.seed, self.rank, self.world_size = place.batch_size, place.seed, place.rank, place.world_size
+        self.workers = options.workers
+        self.generator = options.generator
+        self.set_epoch = options.set_epoch
+        self.caveat = options.caveat  # why loading the state does not give back the exact position, if it does not
+        self.drop_last = options.drop_last
         self.epoch = 0
         self.cursor = 0  # this rank's samples of the epoch times the world size
         self.batches = 0  # batches of the epoch returned on this rank

@@ -18,7 +18,8 @@ from lightning_fabric import Fabric
 from resilient_train import state as state_lib
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
-from resilient_train.checkpoint.manager import LoadedCheckpoint, load_newest_valid
+from resilient_train.checkpoint.info import LoadedCheckpoint
+from resilient_train.checkpoint.selection import load_newest_valid
 from resilient_train.config import ConfigChange
 from resilient_train.data import resumed_order
 from resilient_train.data.iterable import check_position, world_size_refusal

@@ -40,6 +40,7 @@ from resilient_train.trackers.base import (
     Tracker,
     TrackerClass,
     TrackerIds,
+    TrackerSettings,
     flatten,
     log,
     scalars,
@@ -50,7 +51,6 @@ from resilient_train.trackers.tensorboard import TensorBoardTracker, tensorboard
 from resilient_train.trackers.wandb import WandbTracker
 
 if TYPE_CHECKING:
-    from resilient_train.config import LoggingConfig
     from resilient_train.storage import Storage
 
 # every tracker `logging.trackers` may name, in the order messages list them: a new tracker is a
@@ -69,7 +69,7 @@ __all__ = [
 
 
 # -- choosing and opening ----------------------------------------------------------------------------
-def chosen(logging_cfg: LoggingConfig, run: Storage) -> tuple[list[str], bool]:
+def chosen(logging_cfg: TrackerSettings, run: Storage) -> tuple[list[str], bool]:
     """(tracker names, whether the user named them).
 
     `logging.trackers: null` (the default) keeps what the package always did: TensorBoard when it
@@ -81,7 +81,7 @@ def chosen(logging_cfg: LoggingConfig, run: Storage) -> tuple[list[str], bool]:
     return (["tensorboard"] if run.backend.local_paths else []), False
 
 
-def open_trackers(run: Storage, session: int, logging_cfg: LoggingConfig, start_step: int, params: RunParams) -> list[Tracker]:
+def open_trackers(run: Storage, session: int, logging_cfg: TrackerSettings, start_step: int, params: RunParams) -> list[Tracker]:
     """Open the session's trackers, continuing the runs recorded in `logs/trackers.json`."""
     names, explicit = chosen(logging_cfg, run)
     # every package first: a missing one stops the session before any tracker run exists
@@ -102,7 +102,7 @@ def open_trackers(run: Storage, session: int, logging_cfg: LoggingConfig, start_
     return trackers
 
 
-def require_trackers(logging_cfg: LoggingConfig, run: Storage) -> None:
+def require_trackers(logging_cfg: TrackerSettings, run: Storage) -> None:
     """UsageError naming the extra when a tracker `logging.trackers` lists cannot be imported.
 
     Called on global rank 0 before the run starts (Trainer.prepare_run), whose refusal every rank

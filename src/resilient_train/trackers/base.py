@@ -13,13 +13,29 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
 
 if TYPE_CHECKING:
-    from resilient_train.config import LoggingConfig, RunConfig
     from resilient_train.storage import Storage
 
 log = logging.getLogger("resilient_train.trackers")
+
+
+class TrackerSettings(Protocol):
+    """The `logging` section as trackers read it (`config.LoggingConfig` is one); a protocol, so the
+    trackers need not import the config package, whose validation asks the registry for names."""
+
+    trackers: Any
+    project: Optional[str]
+    tensorboard_dir: Optional[str]
+    mlflow_tracking_uri: Optional[str]
+    wandb_mode: Optional[str]
+
+
+class ConfigSource(Protocol):
+    """A run config as trackers record it (`config.RunConfig` is one)."""
+
+    def to_dictconfig(self) -> Any: ...
 
 LOGS, TRACKERS_JSON = "logs", "trackers.json"
 # how a session ended, as `close` is told: finished (or stopped cleanly, to be resumed) or failed
@@ -56,7 +72,7 @@ class RunParams:
     environment: Mapping[str, Any] = field(default_factory=dict)  # "torch" -> "2.6.0", "device" -> "1x NVIDIA L4"
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> RunParams:
+    def of(cls, cfg: ConfigSource) -> RunParams:
         """The flattened config and the environment fingerprint of the process calling it."""
         from omegaconf import OmegaConf
 
@@ -128,7 +144,7 @@ class SessionInfo:
     run: Storage
     session: int
     start_step: int
-    logging: LoggingConfig
+    logging: TrackerSettings
     params: RunParams
     ids: TrackerIds
 

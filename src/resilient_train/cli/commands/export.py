@@ -63,7 +63,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 def _load_weights(target: str) -> tuple[CheckpointManager, int, Any]:
     """The model weights of TARGET (a checkpoint folder, or a run's newest valid checkpoint) and their step."""
     from resilient_train.checkpoint import format as fmt
-    from resilient_train.checkpoint.manager import load_newest_valid
+    from resilient_train.checkpoint.selection import load_newest_valid
     from resilient_train.cli.commands._shared import resolve_checkpoint
     from resilient_train.errors import NotFoundError
 

@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
+from conftest import REPO, TINY_TASK, cli_env, error_lines
+from helpers import run_cli_inprocess
 from resilient_train import state
 from resilient_train.checkpoint import codec, jsonio, tensorfile
 from resilient_train.checkpoint import format as fmt
@@ -42,7 +43,7 @@ MiB = 2**20
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run with checkpoints at steps 3 and 6 (never modified by the tests)."""
     run_dir = tmp_path_factory.mktemp("hostile_baseline") / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
     return run_dir
 
 
@@ -500,33 +501,33 @@ def test_ls_inspect_verify_report_a_hostile_checkpoint_in_one_line(hostile_run: 
     run, variant = hostile_run
     manifest_level = variant in MANIFEST_VARIANTS
 
-    proc = run_cli("ls", str(run))
+    proc = run_cli_inprocess("ls", str(run))
     assert proc.returncode == 0, proc.stderr
     _no_traceback(proc, max_errors=0)
-    proc = run_cli("ls", str(run), "--json")
+    proc = run_cli_inprocess("ls", str(run), "--json")
     assert proc.returncode == 0, proc.stderr
     _no_traceback(proc, max_errors=0)
     status = {row["step"]: row["status"] for row in json.loads(proc.stdout)}
     assert status == {3: "committed", 6: "corrupt" if manifest_level else "committed"}, proc.stdout
 
-    proc = run_cli("inspect", str(run), "--json")
+    proc = run_cli_inprocess("inspect", str(run), "--json")
     assert proc.returncode == 0, proc.stderr
     _no_traceback(proc, max_errors=0)
     assert json.loads(proc.stdout)["checkpoint"]["step"] == (3 if manifest_level else 6)
-    proc = run_cli("inspect", str(run))
+    proc = run_cli_inprocess("inspect", str(run))
     assert proc.returncode == 0, proc.stderr
     _no_traceback(proc, max_errors=0)
-    proc = run_cli("inspect", str(newest(run)))
+    proc = run_cli_inprocess("inspect", str(newest(run)))
     _no_traceback(proc)
 
-    proc = run_cli("verify", str(run))
+    proc = run_cli_inprocess("verify", str(run))
     _no_traceback(proc)
     if manifest_level:
         assert proc.returncode == 1 and len(error_lines(proc.stderr)) == 1, proc.stderr
         assert "step 3: ok" in proc.stdout, proc.stdout
     else:  # every byte matches its (forged) manifest: verify checks bytes, not meaning
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_cli("verify", str(newest(run)))
+    proc = run_cli_inprocess("verify", str(newest(run)))
     _no_traceback(proc)
     assert proc.returncode == (1 if manifest_level else 0), proc.stdout + proc.stderr
 
@@ -535,7 +536,7 @@ def test_ls_inspect_verify_report_a_hostile_checkpoint_in_one_line(hostile_run: 
 def test_export_of_a_run_never_tracebacks_on_a_hostile_checkpoint(hostile_run: tuple[Path, str], tmp_path: Path) -> None:
     run, variant = hostile_run
     out = tmp_path / "w.safetensors"
-    proc = run_cli("export", str(run), str(out))
+    proc = run_cli_inprocess("export", str(run), str(out))
     _no_traceback(proc)
     if proc.returncode == 0:
         # the weights it wrote come from a checkpoint whose model part decodes
@@ -544,7 +545,7 @@ def test_export_of_a_run_never_tracebacks_on_a_hostile_checkpoint(hostile_run: t
         assert len(error_lines(proc.stderr)) == 1 and not out.exists(), proc.stderr
 
     out6 = tmp_path / "w6.safetensors"
-    proc = run_cli("export", str(newest(run)), str(out6))
+    proc = run_cli_inprocess("export", str(newest(run)), str(out6))
     _no_traceback(proc)
     if variant in MANIFEST_VARIANTS or variant in EXPORT_BREAKERS:
         assert proc.returncode != 0 and len(error_lines(proc.stderr)) == 1 and not out6.exists(), proc.stderr
@@ -555,7 +556,7 @@ def test_export_of_a_run_never_tracebacks_on_a_hostile_checkpoint(hostile_run: t
 def test_export_of_a_run_falls_back_past_a_checkpoint_whose_weights_do_not_decode(hostile_run: tuple[Path, str], tmp_path: Path) -> None:
     run, _ = hostile_run
     out = tmp_path / "w.safetensors"
-    proc = run_cli("export", str(run), str(out))
+    proc = run_cli_inprocess("export", str(run), str(out))
     _no_traceback(proc, max_errors=0)
     assert proc.returncode == 0, proc.stderr
     assert _exported_step(out) == 3
@@ -575,11 +576,11 @@ def _assert_resumed_from_the_older_checkpoint(proc: subprocess.CompletedProcess)
 @pytest.mark.parametrize("hostile_run", CLI_PARAMS, indirect=True)
 def test_resume_falls_back_to_the_older_checkpoint(hostile_run: tuple[Path, str]) -> None:
     run, _ = hostile_run
-    _assert_resumed_from_the_older_checkpoint(run_cli("resume", str(run)))
+    _assert_resumed_from_the_older_checkpoint(run_cli_inprocess("resume", str(run)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hostile_run", ["progress-step-a-string", "weight-of-the-wrong-dtype", "moment-of-the-wrong-shape"], indirect=True)
 def test_resume_falls_back_past_a_checkpoint_that_decodes_but_does_not_fit(hostile_run: tuple[Path, str]) -> None:
     run, _ = hostile_run
-    _assert_resumed_from_the_older_checkpoint(run_cli("resume", str(run)))
+    _assert_resumed_from_the_older_checkpoint(run_cli_inprocess("resume", str(run)))

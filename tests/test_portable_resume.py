@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_TASK, committed_steps_on_disk, run_cli, start_cli, wait_for
+from helpers import run_cli_inprocess
 
 DDP = ["trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.devices=2"]
 ONE = ["trainer.accelerator=cpu", "trainer.strategy=auto", "trainer.devices=1"]
@@ -50,15 +51,15 @@ def test_world_size_change_trains_each_sample_of_the_interrupted_epoch_exactly_o
     assert sorted(samples[:96]) == list(range(96)), "the interrupted epoch skipped or repeated samples"
     assert len(samples) == 9 * 16  # every optimizer step saw 16 samples on both world sizes
 
-    report = json.loads(run_cli("inspect", str(run_dir), "--json", check=True).stdout)
+    report = json.loads(run_cli_inprocess("inspect", str(run_dir), "--json", check=True).stdout)
     assert [s["world_size"] for s in report["sessions"]] == ([1, 2] if first == ONE else [2, 1])
     assert report["checkpoint"]["step"] == 9
 
 
 def test_world_size_change_without_global_batch_size_is_reported_approximate(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=2", check=True)
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=3", "trainer.batch_size=4", "--allow-change", "trainer.batch_size")
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=2", check=True)
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=3", "trainer.batch_size=4", "--allow-change", "trainer.batch_size")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("resume is approximate (per-device batch 8 -> 4; samples per optimizer step 8 -> 4; "
             "config changed with --allow-change: trainer.batch_size)") in proc.stderr
@@ -66,16 +67,16 @@ def test_world_size_change_without_global_batch_size_is_reported_approximate(tmp
 
 def test_same_hardware_resume_is_reported_bit_exact(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=2", check=True)
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=3")
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=2", check=True)
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=3")
     assert proc.returncode == 0 and "resume is bit-exact" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("before, after", [("32-true", "bf16-mixed"), ("bf16-mixed", "32-true")])
 def test_precision_change_on_cpu_resumes_and_is_reported(tmp_path: Path, before: str, after: str) -> None:
     run_dir = tmp_path / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=3", f"trainer.precision={before}", check=True)
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6", f"trainer.precision={after}")
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), "task.n=64", "trainer.max_steps=3", f"trainer.precision={before}", check=True)
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6", f"trainer.precision={after}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resume is sample-exact (precision {before} -> {after})" in proc.stderr
     manifest = json.loads((run_dir / "checkpoints" / "step-000000006" / "manifest.json").read_text())
@@ -96,10 +97,10 @@ def test_session_budget_saves_and_exits_75_before_it_runs_out(tmp_path: Path) ->
     sessions = json.loads((run_dir / "sessions.json").read_text())
     assert len(sessions) == 1
     assert wall < budget + 30  # start-up (imports) is outside the budget; the budget itself was kept
-    report = json.loads(run_cli("inspect", str(run_dir), "--json", check=True).stdout)
+    report = json.loads(run_cli_inprocess("inspect", str(run_dir), "--json", check=True).stdout)
     assert report["checkpoint"]["step"] == steps[-1]
 
 
 def test_bad_session_budget_is_a_usage_error_naming_the_key(tmp_path: Path) -> None:
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(tmp_path / "r"), "checkpoint.session_budget=soon")
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "r"), "checkpoint.session_budget=soon")
     assert proc.returncode == 2 and "checkpoint.session_budget" in proc.stderr

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY_TASK, error_lines, run_cli
+from conftest import TINY_TASK, error_lines
+from helpers import run_cli_inprocess
 from resilient_train import Trainer, seed_everything
 from resilient_train.config import check_config_changes, config_changes, resolve
 from resilient_train.errors import UsageError
@@ -46,7 +47,7 @@ def _sessions(run_dir: Path) -> list[dict]:
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 4-step run of the tiny task; tests that change it work on a copy."""
     run_dir = tmp_path_factory.mktemp("guards") / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, check=True)
     return run_dir
 
 
@@ -61,20 +62,20 @@ def run_copy(base_run: Path, tmp_path: Path) -> Path:
 
 def test_resume_with_another_seed_or_task_key_is_refused_in_one_line_naming_the_flag(base_run: Path) -> None:
     stored, sessions = (base_run / "run.yaml").read_bytes(), len(_sessions(base_run))
-    proc = run_cli("resume", str(base_run), "seed=7", "task.lr=0.02", "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(base_run), "seed=7", "task.lr=0.02", "trainer.max_steps=6")
     _one_error_line(proc, 2, "seed (0 -> 7)", "task.lr (0.01 -> 0.02)", "--allow-change seed", "--allow-change task.lr")
     assert "trainer.max_steps" not in error_lines(proc.stderr)[0]  # a harmless change is not named
     assert (base_run / "run.yaml").read_bytes() == stored and len(_sessions(base_run)) == sessions
 
 
 def test_run_into_an_existing_run_with_another_task_key_or_batch_size_is_refused(base_run: Path) -> None:
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(base_run), *BASE, "task.hidden=64", "trainer.batch_size=4")
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(base_run), *BASE, "task.hidden=64", "trainer.batch_size=4")
     _one_error_line(proc, 2, "task.hidden (32 -> 64)", "trainer.batch_size (8 -> 4)",
                     "--allow-change task.hidden --allow-change trainer.batch_size")
 
 
 def test_allowed_changes_resume_labelled_approximate_and_are_recorded_in_the_session(run_copy: Path) -> None:
-    proc = run_cli("resume", str(run_copy), "seed=7", "task.lr=0.02", "trainer.max_steps=6",
+    proc = run_cli_inprocess("resume", str(run_copy), "seed=7", "task.lr=0.02", "trainer.max_steps=6",
                    "--allow-change", "seed", "--allow-change", "task.lr")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resume is approximate (config changed with --allow-change: seed, task.lr)" in proc.stderr, proc.stderr[-2000:]
@@ -83,26 +84,26 @@ def test_allowed_changes_resume_labelled_approximate_and_are_recorded_in_the_ses
     assert changes["task.lr"]["guarded"] and changes["task.lr"]["new"] == 0.02
     assert changes["trainer.max_steps"] == {"key": "trainer.max_steps", "old": 4, "new": 6, "guarded": False}
     assert "seed: 7" in (run_copy / "run.yaml").read_text()  # the next resume continues the changed run
-    again = run_cli("resume", str(run_copy), "trainer.max_steps=7")
+    again = run_cli_inprocess("resume", str(run_copy), "trainer.max_steps=7")
     assert again.returncode == 0 and "resume is bit-exact" in again.stderr, again.stderr[-2000:]
 
 
 def test_harmless_changes_pass_and_the_resume_stays_bit_exact(run_copy: Path, tmp_path: Path) -> None:
-    proc = run_cli("resume", str(run_copy), "trainer.max_steps=6", "checkpoint.keep_last=5", "checkpoint.every_n_steps=3",
+    proc = run_cli_inprocess("resume", str(run_copy), "trainer.max_steps=6", "checkpoint.keep_last=5", "checkpoint.every_n_steps=3",
                    "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "trainer.val_every_n_steps=2",
                    "trainer.num_workers=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resume is bit-exact" in proc.stderr and not error_lines(proc.stderr), proc.stderr[-2000:]
     straight = tmp_path / "straight"
-    run_cli("run", TINY_TASK, "--run-dir", str(straight), "task.n=64", "trainer.max_steps=6", check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(straight), "task.n=64", "trainer.max_steps=6", check=True)
     for run_dir in (run_copy, straight):
-        run_cli("export", str(run_dir), str(run_dir / "weights.safetensors"), check=True)
+        run_cli_inprocess("export", str(run_dir), str(run_dir / "weights.safetensors"), check=True)
     assert (run_copy / "weights.safetensors").read_bytes() == (straight / "weights.safetensors").read_bytes()
 
 
 def test_max_steps_below_the_runs_step_is_a_usage_error(base_run: Path) -> None:
     stored = (base_run / "run.yaml").read_bytes()
-    proc = run_cli("resume", str(base_run), "trainer.max_steps=2")
+    proc = run_cli_inprocess("resume", str(base_run), "trainer.max_steps=2")
     _one_error_line(proc, 2, "trainer.max_steps=2", "step 4")
     assert (base_run / "run.yaml").read_bytes() == stored
 
@@ -255,10 +256,10 @@ def _sibling_task(folder: Path) -> Path:
 
 def test_a_task_importing_a_sibling_module_runs_and_resumes_from_another_folder(tmp_path: Path) -> None:
     task, run_dir = _sibling_task(tmp_path / "project"), tmp_path / "run"
-    proc = run_cli("run", str(task), "--run-dir", str(run_dir))  # the CLI's working folder is the repository
+    proc = run_cli_inprocess("run", str(task), "--run-dir", str(run_dir))  # the CLI's working folder is the repository
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.rmtree(tmp_path / "project")  # resume has only the run folder's snapshot
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=4")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 4" in proc.stderr
 

@@ -21,7 +21,8 @@ from typing import Iterator
 
 import pytest
 
-from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
+from conftest import REPO, TINY_TASK, cli_env, error_lines
+from helpers import run_cli_inprocess
 from faulty_fs import Fault, FaultPlan, SimulatedCrash, forget, install
 from resilient_train.api import resume_run, run_task
 from resilient_train.checkpoint.lease import Lease, read_lease
@@ -48,7 +49,7 @@ def _memory(url: str) -> str:
 
 def _run(tmp_path: Path, *extra: str, task: str = TINY_TASK) -> Path:
     run_dir = tmp_path / "run"
-    run_cli("run", task, "--run-dir", str(run_dir), *SHORT, *extra, check=True)
+    run_cli_inprocess("run", task, "--run-dir", str(run_dir), *SHORT, *extra, check=True)
     return run_dir
 
 
@@ -90,13 +91,13 @@ def test_run_overwrites_the_debris_of_a_run_that_crashed_before_run_yaml(tmp_pat
     (run_dir / "task").mkdir(parents=True)
     (run_dir / "task" / "other.py").write_text("half a file")
     (run_dir / "task" / "task.json").write_text('{"entry": "other.py"')  # torn
-    proc = run_cli("resume", str(run_dir))
+    proc = run_cli_inprocess("resume", str(run_dir))
     assert proc.returncode == 3, proc.stderr
     assert error_lines(proc.stderr) == [f"error: no run at '{run_dir}' (no run.yaml); start one with `run TASK --run-dir {run_dir}`"]
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SHORT)
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), *SHORT)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (run_dir / "task").iterdir()) == ["task.json", "tiny.py"]
-    assert run_cli("resume", str(run_dir), "trainer.max_steps=6").returncode == 0
+    assert run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6").returncode == 0
 
 
 def test_the_documented_supervisor_loop_finishes_a_run_whose_first_attempt_crashed_unborn(tmp_path: Path) -> None:
@@ -119,13 +120,13 @@ def test_another_task_into_an_existing_run_is_refused_naming_run_dir(tmp_path: P
     other.write_text(Path(TINY_TASK).read_text().replace('"hidden": 32', '"hidden": 8'))
     before = {p.name: p.read_bytes() for p in (run_dir / "task").iterdir()}
     run_yaml = (run_dir / "run.yaml").read_bytes()
-    proc = run_cli("run", str(other), "--run-dir", str(run_dir), "trainer.max_steps=8")
+    proc = run_cli_inprocess("run", str(other), "--run-dir", str(run_dir), "trainer.max_steps=8")
     assert proc.returncode == 2, proc.stderr
     [line] = error_lines(proc.stderr)
     assert "tiny.py" in line and "other.py" in line and "--run-dir" in line
     assert {p.name: p.read_bytes() for p in (run_dir / "task").iterdir()} == before
     assert (run_dir / "run.yaml").read_bytes() == run_yaml
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -134,7 +135,7 @@ def test_an_edited_task_of_the_same_name_continues_the_run_and_refreshes_the_sna
     edited = tmp_path / "edited" / "tiny.py"
     edited.parent.mkdir()
     edited.write_text(Path(TINY_TASK).read_text() + "\n# edited\n")
-    proc = run_cli("run", str(edited), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6")
+    proc = run_cli_inprocess("run", str(edited), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stderr
     assert (run_dir / "task" / "tiny.py").read_text().endswith("# edited\n")
@@ -148,14 +149,14 @@ def test_a_task_that_does_not_fit_the_checkpoint_leaves_snapshot_and_config_as_t
     snapshot = (run_dir / "task" / "tiny.py").read_bytes()
     run_yaml = (run_dir / "run.yaml").read_bytes()
     steps_before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_cli("run", str(misfit), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6", "--allow-change", "task.hidden")
+    proc = run_cli_inprocess("run", str(misfit), "--run-dir", str(run_dir), *SHORT, "trainer.max_steps=6", "--allow-change", "task.hidden")
     assert proc.returncode == 1  # never a silent fresh start over the run's checkpoints
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "does not fit this model" in lines[0], proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == steps_before
     assert (run_dir / "task" / "tiny.py").read_bytes() == snapshot
     assert (run_dir / "run.yaml").read_bytes() == run_yaml
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -173,15 +174,15 @@ def test_a_resume_does_not_rewrite_an_unchanged_task_snapshot(url: str) -> None:
 def test_a_damaged_sessions_json_blocks_neither_resume_nor_inspect_nor_plot(tmp_path: Path, damage: str) -> None:
     run_dir = _run(tmp_path)
     (run_dir / "sessions.json").write_text(damage)
-    proc = run_cli("inspect", str(run_dir))
+    proc = run_cli_inprocess("inspect", str(run_dir))
     assert proc.returncode == 0 and not error_lines(proc.stderr), proc.stderr
     assert "sessions.json is damaged" in proc.stderr or "damaged record" in proc.stderr
-    proc = run_cli("inspect", str(run_dir), "--json")
+    proc = run_cli_inprocess("inspect", str(run_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     json.loads(proc.stdout)
-    proc = run_cli("plot", str(run_dir), str(tmp_path / "a.png"))
+    proc = run_cli_inprocess("plot", str(run_dir), str(tmp_path / "a.png"))
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
     sessions = json.loads((run_dir / "sessions.json").read_text())
     assert sessions[-1]["session"] == 2 and sessions[-1]["start_step"] == 4  # numbered after the logged session 1
@@ -205,7 +206,7 @@ def test_a_damaged_lease_is_read_as_none_with_a_warning_and_rebuilt(tmp_path: Pa
 def test_resume_rebuilds_a_damaged_lease(tmp_path: Path) -> None:
     run_dir = _run(tmp_path)
     (run_dir / "lease.json").write_text('{"incarnation": 1, "wri')
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
     assert "lease.json is damaged" in proc.stderr
     assert json.loads((run_dir / "lease.json").read_text())["incarnation"] == 1
@@ -217,15 +218,15 @@ def test_a_torn_metrics_row_is_skipped_by_plot_and_cut_before_the_next_session_a
     metrics = run_dir / "logs" / "metrics.csv"
     whole = metrics.read_bytes()
     metrics.write_bytes(whole + b"1,6,0,17000")  # a crash mid-append
-    proc = run_cli("plot", str(run_dir), str(tmp_path / "a.png"))
+    proc = run_cli_inprocess("plot", str(run_dir), str(tmp_path / "a.png"))
     assert proc.returncode == 0, proc.stderr
     assert list(read_history(Storage(str(run_dir))).loss) == [2, 4]
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=6")
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=6")
     assert proc.returncode == 0, proc.stderr
     text = metrics.read_bytes()
     assert text.startswith(whole) and b"17000" not in text
     assert [(r["session"], r["step"]) for r in read_rows(Storage(str(run_dir)))] == [(1, 2), (1, 4), (2, 6)]
-    proc = run_cli("plot", str(run_dir), str(tmp_path / "b.png"))
+    proc = run_cli_inprocess("plot", str(run_dir), str(tmp_path / "b.png"))
     assert proc.returncode == 0, proc.stderr
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TASK, error_lines, run_cli
+from conftest import TINY_TASK, error_lines
+from helpers import run_cli_inprocess
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 
@@ -24,7 +25,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _committed(run: Path) -> list[int]:
-    rows = json.loads(run_cli("ls", str(run), "--json", check=True).stdout)
+    rows = json.loads(run_cli_inprocess("ls", str(run), "--json", check=True).stdout)
     return sorted(r["step"] for r in rows if r["status"] == "committed")
 
 
@@ -40,8 +41,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Run A to step 12; run B, another run (other seed) with its own steps 6, 9, 12."""
     tmp = tmp_path_factory.mktemp("sync-safety")
     a, b = tmp / "a", tmp / "b"
-    run_cli("run", TINY_TASK, "--run-dir", str(a), *SETTINGS, check=True)
-    run_cli("run", TINY_TASK, "--run-dir", str(b), *SETTINGS, "seed=7", check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(a), *SETTINGS, check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(b), *SETTINGS, "seed=7", check=True)
     return {"a": a, "b": b}
 
 
@@ -49,7 +50,7 @@ def test_sync_into_another_run_is_refused_and_writes_nothing(runs, tmp_path: Pat
     dst = tmp_path / "b"
     shutil.copytree(runs["b"], dst)
     before = _tree(dst)
-    line = _one_error(run_cli("sync", str(runs["a"]), str(dst)), 2)
+    line = _one_error(run_cli_inprocess("sync", str(runs["a"]), str(dst)), 2)
     assert "different runs" in line, line
     assert _tree(dst) == before
 
@@ -60,26 +61,26 @@ def test_sync_into_another_run_without_run_ids_keeps_its_committed_checkpoints(r
     shutil.copytree(runs["b"], dst)
     (dst / "run.json").unlink(missing_ok=True)
     before = _tree(dst)
-    proc = run_cli("sync", str(runs["a"]), str(dst))
+    proc = run_cli_inprocess("sync", str(runs["a"]), str(dst))
     line = _one_error(proc, 1)
     assert "left as they are" in line, line
     assert _tree(dst) == before  # checkpoints, run.yaml, sessions and logs: another history, kept
-    assert run_cli("verify", str(dst)).returncode == 0
+    assert run_cli_inprocess("verify", str(dst)).returncode == 0
 
 
 def test_sync_onto_a_copy_that_moved_on_keeps_its_config_sessions_logs_and_retention(runs, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    run_cli("sync", str(runs["a"]), str(copy), check=True)
-    proc = run_cli("resume", str(copy), "trainer.max_steps=18", "checkpoint.keep_last=1")
+    run_cli_inprocess("sync", str(runs["a"]), str(copy), check=True)
+    proc = run_cli_inprocess("resume", str(copy), "trainer.max_steps=18", "checkpoint.keep_last=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _committed(copy) == [18]
     before = _tree(copy)
 
-    line = _one_error(run_cli("sync", str(runs["a"]), str(copy)), 2)
+    line = _one_error(run_cli_inprocess("sync", str(runs["a"]), str(copy)), 2)
     assert "moved past" in line and "--force" in line, line
     assert _tree(copy) == before  # run.yaml, sessions.json, metrics.csv, checkpoints: all as they were
 
-    proc = run_cli("sync", str(runs["a"]), str(copy), "--force")
+    proc = run_cli_inprocess("sync", str(runs["a"]), str(copy), "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = _tree(copy)
     assert after["run.yaml"] == (runs["a"] / "run.yaml").read_bytes()  # forced: replaced
@@ -89,10 +90,10 @@ def test_sync_onto_a_copy_that_moved_on_keeps_its_config_sessions_logs_and_reten
 
 def test_resync_does_not_bring_back_checkpoints_the_destination_pruned(runs, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    run_cli("sync", str(runs["a"]), str(copy), check=True)
+    run_cli_inprocess("sync", str(runs["a"]), str(copy), check=True)
     for step in (6, 9):
         shutil.rmtree(copy / "checkpoints" / f"step-{step:09d}")  # what retention at DST does
-    proc = run_cli("sync", str(runs["a"]), str(copy))
+    proc = run_cli_inprocess("sync", str(runs["a"]), str(copy))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "older than the destination's newest" in proc.stderr, proc.stderr
     assert _committed(copy) == [12]
@@ -104,7 +105,7 @@ def test_sync_does_not_follow_symlinks(runs, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("password")
     os.symlink(secret, src / "logs" / "x")
-    proc = run_cli("sync", str(src), str(dst))
+    proc = run_cli_inprocess("sync", str(src), str(dst))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (dst / "logs" / "x").exists()
     assert "symlink" in proc.stderr

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckpt_files import data_path, flip_byte, folder_names, listed_names
-from conftest import TINY_TASK, error_lines, run_cli
-from helpers import assert_same_weights
+from conftest import TINY_TASK, error_lines
+from helpers import assert_same_weights, run_cli_inprocess
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 NEWEST, OLDER = "step-000000012", "step-000000009"
@@ -32,9 +32,9 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     """An uninterrupted run (never modified by the tests) and its exported weights."""
     tmp = tmp_path_factory.mktemp("verify_baseline")
     run_dir = tmp / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
     out = tmp / "final.safetensors"
-    run_cli("export", str(run_dir), str(out), check=True)
+    run_cli_inprocess("export", str(run_dir), str(out), check=True)
     return run_dir, load_file(str(out))
 
 
@@ -71,7 +71,7 @@ def test_the_flip_really_changes_a_weight(baseline, flipped: Path) -> None:
 
 
 def test_verify_run_exits_1_naming_the_broken_file(flipped: Path) -> None:
-    proc = run_cli("verify", str(flipped))
+    proc = run_cli_inprocess("verify", str(flipped))
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     _one_error_line(proc, f"{NEWEST}/model.safetensors")
     status = {line.split(":")[0]: line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("step ")}
@@ -83,50 +83,50 @@ def test_verify_run_exits_1_naming_the_broken_file(flipped: Path) -> None:
 
 
 def test_verify_one_checkpoint_folder(flipped: Path) -> None:
-    proc = run_cli("verify", str(flipped / "checkpoints" / OLDER))
+    proc = run_cli_inprocess("verify", str(flipped / "checkpoints" / OLDER))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "step 9: ok"
     assert not error_lines(proc.stderr)
 
-    proc = run_cli("verify", str(flipped / "checkpoints" / NEWEST) + "/")  # a trailing slash is fine
+    proc = run_cli_inprocess("verify", str(flipped / "checkpoints" / NEWEST) + "/")  # a trailing slash is fine
     assert proc.returncode == 1, proc.stderr
     _one_error_line(proc, f"{NEWEST}/model.safetensors")
 
 
 def test_ls_still_lists_the_flipped_checkpoint_as_committed(baseline, flipped: Path) -> None:
     """`ls` checks sizes (existence), not checksums (validity): the flip is invisible to it."""
-    before = {r["step"]: r for r in json.loads(run_cli("ls", str(baseline[0]), "--json", check=True).stdout)}
-    after = {r["step"]: r for r in json.loads(run_cli("ls", str(flipped), "--json", check=True).stdout)}
+    before = {r["step"]: r for r in json.loads(run_cli_inprocess("ls", str(baseline[0]), "--json", check=True).stdout)}
+    after = {r["step"]: r for r in json.loads(run_cli_inprocess("ls", str(flipped), "--json", check=True).stdout)}
     assert sorted(after) == [6, 9, 12]
     assert after[12]["status"] == "committed"
     assert after[12]["bytes"] == before[12]["bytes"]
     assert after[12]["path"].endswith(f"checkpoints/{NEWEST}")
-    table = run_cli("ls", str(flipped), check=True).stdout.splitlines()
+    table = run_cli_inprocess("ls", str(flipped), check=True).stdout.splitlines()
     rows = {int(line.split()[0]): line.split()[1] for line in table[1:]}
     assert rows == {6: "committed", 9: "committed", 12: "committed"}
 
 
 def test_export_falls_back_past_the_broken_checkpoint(baseline, flipped: Path, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
-    proc = run_cli("export", str(flipped), str(out))
+    proc = run_cli_inprocess("export", str(flipped), str(out))
     assert proc.returncode == 0, proc.stderr
     assert _exported_step(out) == 9
     skip = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
     assert len(skip) == 1 and NEWEST in skip[0] and "model.safetensors" in skip[0], proc.stderr
     reference = tmp_path / "ref.safetensors"
-    run_cli("export", str(baseline[0] / "checkpoints" / OLDER), str(reference), check=True)
+    run_cli_inprocess("export", str(baseline[0] / "checkpoints" / OLDER), str(reference), check=True)
     assert_same_weights(load_file(str(out)), load_file(str(reference)))
 
     # asked for the broken checkpoint itself: exit 1, one line naming the file, nothing written
     out12 = tmp_path / "w12.safetensors"
-    proc = run_cli("export", str(flipped / "checkpoints" / NEWEST), str(out12))
+    proc = run_cli_inprocess("export", str(flipped / "checkpoints" / NEWEST), str(out12))
     assert proc.returncode == 1, proc.stderr
     _one_error_line(proc, "model.safetensors")
     assert not out12.exists()
 
 
 def test_resume_falls_back_to_step_9_and_ends_bit_identical(baseline, flipped: Path, tmp_path: Path) -> None:
-    proc = run_cli("resume", str(flipped))
+    proc = run_cli_inprocess("resume", str(flipped))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_lines(proc.stderr) and "Traceback" not in proc.stderr
 
@@ -139,12 +139,12 @@ def test_resume_falls_back_to_step_9_and_ends_bit_identical(baseline, flipped: P
     assert "done: step 12" in proc.stderr
 
     out = tmp_path / "final.safetensors"
-    run_cli("export", str(flipped), str(out), check=True)
+    run_cli_inprocess("export", str(flipped), str(out), check=True)
     assert _exported_step(out) == 12
     assert_same_weights(load_file(str(out)), baseline[1])
 
     # the final save rewrote step 12 because it failed verification: the whole run verifies now
-    proc = run_cli("verify", str(flipped))
+    proc = run_cli_inprocess("verify", str(flipped))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "BROKEN" not in proc.stdout
     assert "step 12: ok" in proc.stdout
@@ -157,17 +157,17 @@ def test_resume_falls_back_to_step_9_and_ends_bit_identical(baseline, flipped: P
 def test_resume_when_every_checkpoint_but_the_oldest_is_broken(baseline, flipped: Path, tmp_path: Path) -> None:
     """Two broken checkpoints in a row: each is skipped in its own line, the oldest one is used."""
     flip_byte(flipped, OLDER_STEP, "state.safetensors")
-    proc = run_cli("verify", str(flipped))
+    proc = run_cli_inprocess("verify", str(flipped))
     assert proc.returncode == 1
     _one_error_line(proc, f"{NEWEST}/model.safetensors", f"{OLDER}/state.safetensors")
 
-    proc = run_cli("resume", str(flipped))
+    proc = run_cli_inprocess("resume", str(flipped))
     assert proc.returncode == 0, proc.stderr[-3000:]
     skip = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
     assert len(skip) == 2 and NEWEST in skip[0] and OLDER in skip[1], proc.stderr
     assert "state.safetensors" in skip[1]
     assert any("resumed from" in line and "step-000000006" in line for line in proc.stderr.splitlines()), proc.stderr
     out = tmp_path / "final.safetensors"
-    run_cli("export", str(flipped), str(out), check=True)
+    run_cli_inprocess("export", str(flipped), str(out), check=True)
     assert_same_weights(load_file(str(out)), baseline[1])
-    assert run_cli("verify", str(flipped)).returncode == 0
+    assert run_cli_inprocess("verify", str(flipped)).returncode == 0

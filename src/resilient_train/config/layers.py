@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional, Sequence, cast
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resilient_train.config.schema import SECTIONS, RunConfig
@@ -112,6 +112,9 @@ def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
 def resolve(*layers: Any) -> RunConfig:
     """Merge layers over the defaults and validate; every failure names the offending key."""
     schema = OmegaConf.structured(RunConfig)
+    for layer in layers:
+        if layer is not None:
+            _check_shapes(schema, _plain_layer(layer), "")
     try:
         merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
         return cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
@@ -120,6 +123,30 @@ def resolve(*layers: Any) -> RunConfig:
         if cause is not None:
             raise cause from None
         raise _translate(exc) from None
+
+
+def _plain_layer(layer: Any) -> Any:
+    if isinstance(layer, RunConfig):
+        return {}  # a resolved config has the schema's shape already
+    if OmegaConf.is_config(layer):
+        return OmegaConf.to_container(layer, resolve=False)
+    return layer
+
+
+def _check_shapes(schema: Any, layer: Any, prefix: str) -> None:
+    """Refuse a scalar where the schema holds a section, or a mapping where it holds a list, naming
+    the key: OmegaConf's merge reports these as a bare TypeError or against the key '?'."""
+    if not isinstance(layer, Mapping) or not isinstance(schema, DictConfig):
+        return
+    for key, value in layer.items():
+        node = schema._get_node(key) if key in schema else None
+        name = f"{prefix}{key}"
+        if isinstance(node, DictConfig) and value is not None and not isinstance(value, Mapping):
+            raise ConfigError(name, f"must be a mapping of keys (for example {name}.KEY=VALUE), not {type(value).__name__} {value!r}")
+        if isinstance(node, ListConfig) and isinstance(value, Mapping):
+            raise ConfigError(name, f"must be a list (for example [A, B]), not a mapping {dict(value)!r}")
+        if isinstance(node, DictConfig) and isinstance(value, Mapping) and name != "task":
+            _check_shapes(node, value, name + ".")
 
 
 def load_run_yaml(text: str) -> DictConfig:

@@ -38,9 +38,22 @@ def default_training_step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return out.loss
     if isinstance(out, torch.Tensor) and out.numel() == 1:
         return out
+    if hasattr(out, "loss") and getattr(out, "loss", None) is None:
+        raise UsageError(_no_loss_message(batch))
     raise UsageError(
         "the model's output is not a scalar loss (nor has .loss); pass training_step=(model, batch) -> loss"
     )
+
+
+def _no_loss_message(batch: Any) -> str:
+    """Why a model with a `.loss` output computed none: a Hugging Face model computes its loss only
+    when the batch holds `labels` (a dataset's `label` column is renamed by its data collators, not
+    by a plain DataLoader)."""
+    keys = sorted(str(k) for k in batch) if isinstance(batch, Mapping) else []
+    hint = "; the batch has 'label': rename it to 'labels'" if "label" in keys and "labels" not in keys else ""
+    seen = f" (batch keys: {', '.join(keys)})" if keys else ""
+    return ("the model computed no loss (its output's .loss is None): the batch probably lacks 'labels'"
+            f"{seen}{hint}, or pass training_step=(model, batch) -> loss")
 
 
 def make_optimizer(optimizer: Any, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -40,6 +40,15 @@ def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess
     return proc
 
 
+def run_cli_fast(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """`run_cli` in this process (helpers.run_cli_inprocess) unless the arguments need a process of
+    their own (helpers.needs_a_process: gs://, several devices or nodes)."""
+    from helpers import needs_a_process, run_cli_inprocess
+
+    runner = run_cli if needs_a_process(args) else run_cli_inprocess
+    return runner(*args, timeout=timeout, check=check)
+
+
 def start_cli(*args: str, **popen: Any) -> subprocess.Popen:
     """Start `python -m resilient_train ARGS` in its own process group (for signals)."""
     return subprocess.Popen(
@@ -80,6 +89,14 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.005) -> Any:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Finished runs of the tiny task, trained once per session and copied per use (helpers.TrainedRuns)."""
+    from helpers import TrainedRuns
+
+    return TrainedRuns(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture

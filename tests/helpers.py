@@ -202,3 +202,25 @@ def run_cli_inprocess(*args: str, timeout: float = 300, check: bool = False) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline runs trained once per session
+
+class TrainedRuns:
+    """Runs of tests/tasks/tiny.py trained once per session (in process), one per list of `run`
+    arguments, and handed out as copies: every module or test that asks gets a folder of its own,
+    as if it had trained the run itself, and none sees another's changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._runs: dict[tuple[str, ...], Path] = {}
+
+    def copy(self, dest: Path, *args: str) -> Path:
+        """A copy at `dest` of the finished run `run tiny.py --run-dir ... ARGS`."""
+        if args not in self._runs:
+            run_dir = self.root / f"run{len(self._runs)}" / "run"
+            run_cli_inprocess("run", str(REPO / "tests" / "tasks" / "tiny.py"), "--run-dir", str(run_dir), *args, check=True)
+            self._runs[args] = run_dir
+        shutil.copytree(self._runs[args], dest)
+        return dest

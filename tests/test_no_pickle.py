@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from ckpt_files import data_path, read_manifest
 from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
-from helpers import assert_same_weights
+from helpers import assert_same_weights, run_cli_inprocess
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 DATA_FILES = ("model.safetensors", "state.safetensors", "state.json", "rng-rank00000.json")
@@ -149,15 +149,15 @@ def audited(audit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A finished run (never modified) and the exports of its two newest checkpoints."""
+def baseline(tmp_path_factory: pytest.TempPathFactory, trained_runs) -> dict:
+    """A finished run (never modified) and the exports of its two newest checkpoints (set up before
+    the audit, in this process; the tests' own CLI calls are the audited subprocesses)."""
     tmp = tmp_path_factory.mktemp("nopickle_baseline")
-    run_dir = tmp / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
+    run_dir = trained_runs.copy(tmp / "run", *SETTINGS)
     exports = {}
     for step, folder in ((12, NEWEST), (9, OLDER)):
         out = tmp / f"step{step}.safetensors"
-        run_cli("export", str(run_dir / "checkpoints" / folder), str(out), check=True)
+        run_cli_inprocess("export", str(run_dir / "checkpoints" / folder), str(out), check=True)
         exports[step] = load_file(str(out))
     return {"run": run_dir, "exports": exports}
 

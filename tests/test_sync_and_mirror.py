@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import TINY_TASK, error_lines, run_cli
-from helpers import assert_same_weights
+from conftest import TINY_TASK, error_lines, run_cli, run_cli_fast
+from helpers import assert_same_weights, run_cli_inprocess
 
 SETTINGS = ["trainer.max_steps=12", "checkpoint.every_n_steps=3", "checkpoint.keep_last=3", "task.n=64"]
 LONGER = "trainer.max_steps=15"
@@ -38,7 +38,7 @@ def _assert_one_error_line(proc, code: int, *fragments: str) -> str:
 
 
 def _export(target: str | Path, out: Path) -> dict[str, torch.Tensor]:
-    run_cli("export", str(target), str(out), check=True)
+    run_cli_fast("export", str(target), str(out), check=True)
     return load_file(str(out))
 
 
@@ -48,7 +48,7 @@ def _exported_step(path: Path) -> int:
 
 
 def _ls(target: str | Path) -> dict[int, dict]:
-    return {row["step"]: row for row in json.loads(run_cli("ls", str(target), "--json", check=True).stdout)}
+    return {row["step"]: row for row in json.loads(run_cli_fast("ls", str(target), "--json", check=True).stdout)}
 
 
 def _committed(target: str | Path) -> list[int]:
@@ -77,13 +77,13 @@ def _gs_files(url: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def finished(tmp_path_factory: pytest.TempPathFactory, trained_runs) -> dict:
     """A finished local run (never modified by tests), its final weights, and those of the same
     run carried on uninterrupted to step 15 (what every resume to 15 must reproduce)."""
     tmp = tmp_path_factory.mktemp("sync")
     run_dir, longer = tmp / "run", tmp / "run15"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS, check=True)
-    run_cli("run", TINY_TASK, "--run-dir", str(longer), *SETTINGS, LONGER, check=True)
+    trained_runs.copy(run_dir, *SETTINGS)
+    trained_runs.copy(longer, *SETTINGS, LONGER)
     return {
         "run": run_dir,
         "weights": _export(run_dir, tmp / "w12.safetensors"),
@@ -122,7 +122,7 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
     local = _ls(back)
     assert sorted(local) == sorted(remote) == _committed(src)
     assert {s: r["bytes"] for s, r in local.items()} == {s: r["bytes"] for s, r in remote.items()}
-    assert run_cli("verify", str(back)).returncode == 0
+    assert run_cli_inprocess("verify", str(back)).returncode == 0
     for step in local:  # every file arrived byte for byte
         assert _logical_files(back, step) == _logical_files(src, step)
     assert (back / "task" / "tiny.py").read_bytes() == Path(TINY_TASK).read_bytes()
@@ -138,7 +138,7 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
         assert "0 checkpoint(s) copied" in proc.stderr and "3 already there" in proc.stderr, proc.stderr
 
     # the synced-back folder is a complete run: resume needs nothing else (config + task travelled)
-    proc = run_cli("resume", str(back), LONGER)
+    proc = run_cli_inprocess("resume", str(back), LONGER)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = [line for line in proc.stderr.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and str(back / "checkpoints" / "step-000000012") in resumed[0], proc.stderr
@@ -150,7 +150,7 @@ def test_sync_local_to_gcs_to_local(finished, gcs_url: str, tmp_path: Path) -> N
 def test_sync_never_writes_a_checkpoint_that_differs_at_the_destination(finished, tmp_path: Path) -> None:
     """A committed checkpoint at DST is never written again: a different one is reported, kept."""
     src, dst = finished["run"], tmp_path / "dst"
-    run_cli("sync", str(src), str(dst), check=True)
+    run_cli_inprocess("sync", str(src), str(dst), check=True)
     folder = dst / "checkpoints" / "step-000000012"
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -162,7 +162,7 @@ def test_sync_never_writes_a_checkpoint_that_differs_at_the_destination(finished
     record["bytes"] += 1
     manifest_path.write_text(json.dumps(manifest))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    proc = run_cli("sync", str(src), str(dst))
+    proc = run_cli_inprocess("sync", str(src), str(dst))
     line = _assert_one_error_line(proc, 1, "12")
     assert "left as they are" in line, line
     assert "2 already there" in proc.stderr, proc.stderr
@@ -182,7 +182,7 @@ def test_sync_copies_the_valid_checkpoints_around_a_corrupt_one(finished, tmp_pa
     data = bytearray(broken.read_bytes())
     data[-2] ^= 0xFF
     broken.write_bytes(bytes(data))
-    proc = run_cli("sync", str(src), str(dst))
+    proc = run_cli_inprocess("sync", str(src), str(dst))
     assert "Traceback" not in proc.stderr
     if proc.returncode != 0:
         line = _assert_one_error_line(proc, 1)
@@ -190,7 +190,7 @@ def test_sync_copies_the_valid_checkpoints_around_a_corrupt_one(finished, tmp_pa
     else:
         assert any(re.search(r"step.*\b0*9\b", line) and "not copied" in line for line in proc.stderr.splitlines()), proc.stderr
     assert _committed(dst) == [6, 12]
-    assert run_cli("verify", str(dst)).returncode == 0
+    assert run_cli_inprocess("verify", str(dst)).returncode == 0
 
 
 # -- mirror --------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_resume_prefers_the_local_copy_when_both_hold_the_newest_step(finished, 
 # -- inspect and env -----------------------------------------------------------------------------
 def test_inspect_table_and_json(finished) -> None:
     run_dir = finished["run"]
-    proc = run_cli("inspect", str(run_dir))
+    proc = run_cli_inprocess("inspect", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert f"run: {run_dir}" in text
@@ -279,7 +279,7 @@ def test_inspect_table_and_json(finished) -> None:
     for line in ("step: 12", "world_size: 1", "precision: ", "written on: "):
         assert line in text, text
 
-    report = json.loads(run_cli("inspect", str(run_dir), "--json", check=True).stdout)
+    report = json.loads(run_cli_inprocess("inspect", str(run_dir), "--json", check=True).stdout)
     assert report["run"] == str(run_dir)
     assert report["config"]["trainer"]["max_steps"] == 12 and report["config"]["task"]["n"] == 64
     assert len(report["sessions"]) == 1
@@ -294,7 +294,7 @@ def test_inspect_table_and_json(finished) -> None:
     assert set(ck["files"]) >= {"model.safetensors", "state.json"}
 
     # one checkpoint folder: that checkpoint, not the newest
-    one = json.loads(run_cli("inspect", str(run_dir / "checkpoints" / "step-000000009"), "--json", check=True).stdout)
+    one = json.loads(run_cli_inprocess("inspect", str(run_dir / "checkpoints" / "step-000000009"), "--json", check=True).stdout)
     assert one["checkpoint"]["step"] == 9 and one["run"] == str(run_dir)
 
 
@@ -308,13 +308,13 @@ def test_inspect_a_gcs_run(finished, gcs_url: str) -> None:
 
 
 def test_env_table_and_json() -> None:
-    proc = run_cli("env")
+    proc = run_cli_inprocess("env")
     assert proc.returncode == 0, proc.stderr
     rows = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if ":" in line}
     assert rows["torch"] == torch.__version__
     assert "gpus" in rows and "host" in rows and "precision_auto" in rows
 
-    info = json.loads(run_cli("env", "--json", check=True).stdout)
+    info = json.loads(run_cli_inprocess("env", "--json", check=True).stdout)
     assert info["torch"] == torch.__version__
     assert isinstance(info["gpus"], list) and len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     for gpu in info["gpus"]:
@@ -341,7 +341,7 @@ def test_missing_targets_exit_3_with_one_error_line(finished, tmp_path: Path, gc
         (("sync", missing_gs, str(tmp_path / "dst")), missing_gs),
     ]
     for args, fragment in cases:
-        _assert_one_error_line(run_cli(*args), 3, fragment)
+        _assert_one_error_line(run_cli_fast(*args), 3, fragment)
     assert not (tmp_path / "dst").exists()  # a failed sync creates nothing
 
 
@@ -349,14 +349,14 @@ def test_verify_of_a_run_without_checkpoints_exits_3(tmp_path: Path, finished) -
     run_dir = tmp_path / "fresh"
     run_dir.mkdir()
     shutil.copy(finished["run"] / "run.yaml", run_dir / "run.yaml")
-    _assert_one_error_line(run_cli("verify", str(run_dir)), 3, "no checkpoints")
+    _assert_one_error_line(run_cli_inprocess("verify", str(run_dir)), 3, "no checkpoints")
 
 
 def test_missing_arguments_are_usage_errors() -> None:
     for args in (("verify",), ("sync", "only-one"), ("inspect",), ("env", "extra")):
-        _assert_one_error_line(run_cli(*args), 2)
+        _assert_one_error_line(run_cli_inprocess(*args), 2)
 
 
 def test_unknown_url_scheme_is_bad_input(finished, tmp_path: Path) -> None:
-    _assert_one_error_line(run_cli("sync", str(finished["run"]), "nosuchproto://bucket/run"), 2, "nosuchproto")
-    _assert_one_error_line(run_cli("verify", "nosuchproto://bucket/run"), 2, "nosuchproto")
+    _assert_one_error_line(run_cli_inprocess("sync", str(finished["run"]), "nosuchproto://bucket/run"), 2, "nosuchproto")
+    _assert_one_error_line(run_cli_inprocess("verify", "nosuchproto://bucket/run"), 2, "nosuchproto")

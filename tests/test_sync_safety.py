@@ -37,11 +37,11 @@ def _one_error(proc, code: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, trained_runs) -> dict[str, Path]:
     """Run A to step 12; run B, another run (other seed) with its own steps 6, 9, 12."""
     tmp = tmp_path_factory.mktemp("sync-safety")
     a, b = tmp / "a", tmp / "b"
-    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(a), *SETTINGS, check=True)
+    trained_runs.copy(a, *SETTINGS)
     run_cli_inprocess("run", TINY_TASK, "--run-dir", str(b), *SETTINGS, "seed=7", check=True)
     return {"a": a, "b": b}
 

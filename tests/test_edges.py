@@ -75,3 +75,49 @@ def test_a_model_that_computed_no_loss_says_the_batch_lacks_labels(tmp_path: Pat
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and "computed no loss" in lines[0] and "'labels'" in lines[0], proc.stderr
     assert "rename it to 'labels'" in lines[0]
+
+
+SCRIPT = '''
+import pathlib
+pathlib.Path(__file__).with_name("trained").write_text("the script ran")
+from resilient_train import Trainer
+raise SystemExit("a script that trains at import must not be run by `run` or `check-resume`")
+'''
+
+
+@pytest.mark.parametrize("command", ["run", "check-resume"])
+def test_a_script_without_build_is_refused_before_it_runs(tmp_path: Path, command: str) -> None:
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    args = ["--run-dir", str(tmp_path / "run")] if command == "run" else []
+    proc = run_cli_inprocess(command, str(script), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "defines no build(cfg)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "trained").exists(), "the script was executed"
+
+
+def test_resume_of_a_run_made_by_a_script_says_run_the_script_again(tmp_path: Path) -> None:
+    import torch
+
+    from resilient_train import Trainer
+
+    run = tmp_path / "run"
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4))
+    model = torch.nn.Linear(4, 1)
+    Trainer(run_dir=str(run), max_steps=2, batch_size=8, progress_bar=False).fit(
+        model, lambda p: torch.optim.SGD(p, lr=0.1), data, training_step=lambda m, b: m(b[0]).square().mean())
+    proc = run_cli_inprocess("resume", str(run))
+    assert proc.returncode == 3, proc.stderr
+    assert "run the same script again" in proc.stderr and "run TASK" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_check_resume_stops_the_run_with_its_configured_stop_signal() -> None:
+    """With stop_signals=[SIGUSR1] (a SLURM setting), a SIGTERM would kill the run (-15) and the
+    check would report a failed resume; it sends SIGUSR1, which the run takes as a stop."""
+    from conftest import run_cli  # check_resume binds sys.stderr at import: a process captures it
+
+    proc = run_cli("check-resume", TINY, "--steps", "10", "checkpoint.stop_signals=[SIGUSR1]")
+    assert proc.returncode == 0, proc.stderr
+    assert "SIGUSR1 as the save of step" in proc.stderr and "SIGTERM" not in proc.stderr, proc.stderr
+    assert "exited 75" in proc.stderr

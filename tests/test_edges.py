@@ -121,3 +121,51 @@ def test_check_resume_stops_the_run_with_its_configured_stop_signal() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "SIGUSR1 as the save of step" in proc.stderr and "SIGTERM" not in proc.stderr, proc.stderr
     assert "exited 75" in proc.stderr
+
+
+ONE_CYCLE_TASK = '''
+import torch
+
+CONFIG = {"trainer": {"max_steps": 8, "batch_size": 4, "progress_bar": False}, "checkpoint": {"every_n_steps": 4}}
+
+
+def build(cfg):
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+    return {"model": torch.nn.Linear(4, 1), "optimizer": lambda p: torch.optim.SGD(p, lr=0.1),
+            "scheduler": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=cfg.trainer.max_steps),
+            "train_data": data, "training_step": lambda m, b: m(b[0]).square().mean()}
+'''
+
+
+def test_extending_a_one_cycle_run_is_refused_before_training_and_not_kept(tmp_path: Path) -> None:
+    task = tmp_path / "one_cycle.py"
+    task.write_text(ONE_CYCLE_TASK)
+    run = tmp_path / "run"
+    run_cli_inprocess("run", str(task), "--run-dir", str(run), check=True)
+    proc = run_cli_inprocess("resume", str(run), "trainer.max_steps=10")
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "OneCycleLR" in lines[0] and "trainer.max_steps=8" in lines[0], proc.stderr
+    assert "bit-exact" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "max_steps: 8" in (run / "run.yaml").read_text()
+    again = run_cli_inprocess("resume", str(run))  # the refused change did not stick
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_config_change_is_written_to_run_yaml_only_once_training_started(tmp_path: Path, trained_runs) -> None:
+    run = trained_runs.copy(tmp_path / "run")
+    failed = run_cli_inprocess("resume", str(run), "trainer.max_steps=45", "task.fail_at=1", "--allow-change", "task.fail_at")
+    assert failed.returncode == 1, failed.stderr
+    stored = (run / "run.yaml").read_text()
+    assert "max_steps: 40" in stored and "fail_at: 0" in stored
+    done = run_cli_inprocess("resume", str(run), "trainer.max_steps=45")
+    assert done.returncode == 0, done.stderr
+    assert "max_steps: 45" in (run / "run.yaml").read_text()
+
+
+def test_a_one_cycle_schedule_shorter_than_max_steps_is_refused_at_the_start(tmp_path: Path) -> None:
+    task = tmp_path / "one_cycle.py"
+    task.write_text(ONE_CYCLE_TASK.replace("total_steps=cfg.trainer.max_steps", "total_steps=5"))
+    proc = run_cli_inprocess("run", str(task), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert "OneCycleLR" in proc.stderr and "trainer.max_steps=5" in proc.stderr

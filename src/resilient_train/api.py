@@ -21,7 +21,7 @@ def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange
 
     A new run folder is written whole before `build` (task snapshot, run id, run.yaml last); an
     existing one holding another task is refused (UsageError, exit 2) before anything is built or
-    written, and its snapshot and run.yaml are replaced only after its checkpoint was restored.
+    written, and its snapshot and run.yaml are replaced only after the first optimizer step of the session.
     `config_changes` (from `check_config_changes`) label the resume and go into the session record.
     """
     from resilient_train.trainer import Trainer

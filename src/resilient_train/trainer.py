@@ -87,8 +87,8 @@ class Trainer:
 
         An existing run is only checked: a different task is refused before anything is written
         (UsageError on rank 0, exit code 2 on the others). Its task snapshot and `run.yaml` are
-        replaced only once `fit` has restored its checkpoint (loop/session.py), so a `run` or
-        `resume` that fails to restore leaves the stored ones as they were. `config_changes`
+        replaced only after the session's first optimizer step (loop/session.py), so a `run` or
+        `resume` that fails to restore or to start training leaves the stored ones as they were. `config_changes`
         (against the stored config) label the resume and go into the session record.
         """
         fabric = self.launch()

@@ -48,6 +48,7 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
             progress.epoch, progress.cursor = s.stream.epoch, s.stream.cursor
             window.step_done()
             saver.on_step_end()  # surfaces a background save's outcome
+            session.record_config()  # run.yaml says this config once a step of it succeeded
 
             step = progress.step
             last_step = step == tcfg.max_steps or _epochs_done(tcfg, s.stream)

@@ -169,3 +169,55 @@ def test_a_one_cycle_schedule_shorter_than_max_steps_is_refused_at_the_start(tmp
     proc = run_cli_inprocess("run", str(task), "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
     assert "OneCycleLR" in proc.stderr and "trainer.max_steps=5" in proc.stderr
+
+
+METRICS_TASK = '''
+import torch
+
+CONFIG = {"task": {"metric": "accuracy"},
+          "trainer": {"max_steps": 4, "batch_size": 4, "log_every_n_steps": 2, "val_every_n_steps": 2, "progress_bar": False},
+          "checkpoint": {"every_n_steps": 2}}
+
+
+def build(cfg):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x.sum(1) > 0).float())
+    name = cfg.task.metric
+
+    def step(model, batch):
+        out = model(batch[0]).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, batch[1])
+        return {"loss": loss, name: ((out > 0).float() == batch[1]).float().mean()}
+
+    return {"model": torch.nn.Linear(4, 1), "optimizer": lambda p: torch.optim.SGD(p, lr=0.1),
+            "train_data": data, "val_data": torch.utils.data.Subset(data, range(16)), "training_step": step}
+'''
+
+
+def test_validation_averages_the_custom_metrics_and_check_resume_compares_them(tmp_path: Path) -> None:
+    from resilient_train.metrics import read_rows
+    from resilient_train.storage import Storage
+    from resilient_train.tools.check_resume.compare import _metrics
+
+    task = tmp_path / "metrics_task.py"
+    task.write_text(METRICS_TASK)
+    run = tmp_path / "run"
+    proc = run_cli_inprocess("run", str(task), "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(Storage(str(run)))
+    val_rows = [row for row in rows if row.get("val_loss")]
+    assert val_rows and all(0.0 <= float(row["val_accuracy"]) <= 1.0 for row in val_rows), rows
+    assert "val_accuracy" in proc.stderr
+    compared = {column for column, _ in _metrics(Storage(str(run)))}
+    assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= compared
+    assert not any(column.startswith(("gpu_", "cpu_")) or column in ("lr", "samples_per_sec") for column in compared)
+
+
+@pytest.mark.parametrize("name", ["cpu_mem_gb", "gpu_util", "val_accuracy"])
+def test_a_metric_named_like_a_device_statistic_is_refused(tmp_path: Path, name: str) -> None:
+    task = tmp_path / "metrics_task.py"
+    task.write_text(METRICS_TASK)
+    proc = run_cli_inprocess("run", str(task), "--run-dir", str(tmp_path / "run"), f"task.metric={name}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"the metric '{name}', a name the trainer logs itself" in proc.stderr

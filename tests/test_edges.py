@@ -221,3 +221,57 @@ def test_a_metric_named_like_a_device_statistic_is_refused(tmp_path: Path, name:
     proc = run_cli_inprocess("run", str(task), "--run-dir", str(tmp_path / "run"), f"task.metric={name}")
     assert proc.returncode == 2, proc.stderr
     assert f"the metric '{name}', a name the trainer logs itself" in proc.stderr
+
+
+def _killed_and_resumed_run(root: Path) -> Path:
+    """Session 1 logs steps 2-8 and is killed after its checkpoint of step 4; sessions 2 (killed
+    at once) and 3 both resume from step 4, session 3 re-logs 6 and 8 at another speed."""
+    import json
+
+    run = root / "run"
+    (run / "logs").mkdir(parents=True)
+    rows = ["session,step,epoch,time,loss,lr,samples_per_sec,val_loss"]
+    rows += [f"1,{step},0,{step},0.5,0.01,10.0," for step in (2, 4, 6, 8)]
+    rows += [f"3,{step},0,{100 + step},0.4,0.01,20.0," for step in (6, 8)]
+    (run / "logs" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    env = {"device": "cpu"}
+    sessions = [{"session": 1, "start_step": 0, "precision": "32-true", "environment": env},
+                {"session": 2, "start_step": 4, "precision": "32-true", "environment": env},
+                {"session": 3, "start_step": 4, "precision": "bf16-mixed", "environment": env}]
+    (run / "sessions.json").write_text(json.dumps(sessions))
+    return run
+
+
+def test_plot_the_newest_session_wins_the_throughput_panel_too(tmp_path: Path) -> None:
+    from resilient_train.plot import read_history
+    from resilient_train.storage import Storage
+
+    history = read_history(Storage(str(_killed_and_resumed_run(tmp_path))))
+    by_number = {session.number: session for session in history.sessions}
+    assert by_number[1].steps == [2, 4] and by_number[1].throughput == [10.0, 10.0]
+    assert by_number[3].steps == [6, 8] and by_number[3].throughput == [20.0, 20.0]
+    assert history.loss == {2: 0.5, 4: 0.5, 6: 0.4, 8: 0.4}
+
+
+def test_plot_session_labels_do_not_overlap(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from resilient_train.plot import draw, read_history
+    from resilient_train.storage import Storage
+
+    fig = draw(read_history(Storage(str(_killed_and_resumed_run(tmp_path)))), "run", plt)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        labels = [t for t in fig.findobj(Text) if "session" in t.get_text() and t.get_visible()]
+        assert {n for n in (1, 2, 3) if any(f"session {n}" in t.get_text() for t in labels)} == {1, 2, 3}
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), [t.get_text() for t in labels]
+    finally:
+        plt.close(fig)

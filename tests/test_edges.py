@@ -275,3 +275,14 @@ def test_plot_session_labels_do_not_overlap(tmp_path: Path) -> None:
                 assert not a.overlaps(b), [t.get_text() for t in labels]
     finally:
         plt.close(fig)
+
+
+def test_the_readme_example_shows_what_a_converted_loop_needs() -> None:
+    """README's 30-second example (tests/test_docs.py runs it): seeding before the model and data,
+    a scheduler, gradient clipping, the trained model after fit, and what drop_last does."""
+    readme = (REPO / "README.md").read_text()
+    script = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert script.index("seed_everything(0)") < script.index("model = ") and script.index("seed_everything(0)") < script.index("loader = ")
+    assert "scheduler=" in script and "gradient_clip_val=" in script and "drop_last=" in script
+    assert "model(torch.tensor" in script.split("trainer.fit(", 1)[1]
+    assert "`drop_last=True` drops each epoch's incomplete last batch" in readme

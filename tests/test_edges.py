@@ -286,3 +286,16 @@ def test_the_readme_example_shows_what_a_converted_loop_needs() -> None:
     assert "scheduler=" in script and "gradient_clip_val=" in script and "drop_last=" in script
     assert "model(torch.tensor" in script.split("trainer.fit(", 1)[1]
     assert "`drop_last=True` drops each epoch's incomplete last batch" in readme
+
+
+def test_a_module_without_build_is_refused_before_it_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "scripts_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "train_at_import.py").write_text(SCRIPT)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    proc = run_cli_inprocess("run", "scripts_pkg.train_at_import", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert "defines no build(cfg)" in proc.stderr
+    assert not (package / "trained").exists(), "the module was imported"

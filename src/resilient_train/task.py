@@ -98,6 +98,18 @@ def _defines_build(path: str) -> bool:
     return False
 
 
+def _refuse_without_build(name: str) -> None:
+    """`package.module`: the same check as for a file, on its source, before it is imported."""
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return  # import_module reports it below
+    origin = getattr(found, "origin", None) if found is not None else None
+    if isinstance(origin, str) and origin.endswith(".py") and os.path.isfile(origin) and not _defines_build(origin):
+        raise UsageError(f"task module '{name}' defines no build(cfg) function, so it is not a task (it was not run); "
+                         "a script that calls Trainer.fit itself runs as `python -m MODULE`")
+
+
 def _module_from_file(path: str) -> ModuleType:
     if not _defines_build(path):
         raise UsageError(f"task file '{path}' defines no build(cfg) function, so it is not a task (it was not run); "
@@ -129,6 +141,7 @@ def load_task(spec: str) -> Task:
         module = _module_from_file(path)
     else:
         folder = None  # an importable module's siblings are importable through its package
+        _refuse_without_build(spec)
         try:
             module = importlib.import_module(spec)
         except ModuleNotFoundError as exc:

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_files import data_path
-from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
+from conftest import TINY_TASK, committed_steps_on_disk, error_lines, start_cli, wait_for
+from helpers import run_cli_inprocess
 from resilient_train.checkpoint.lease import FencedError, Lease, read_lease
 from resilient_train.storage import Storage
 
@@ -33,7 +34,7 @@ def test_a_newer_lease_fences_the_older_holder(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_zombie_session_is_fenced_and_the_resumed_run_ends_bit_identical(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    run_cli("run", TINY_TASK, "--run-dir", str(straight), *SETTINGS, check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(straight), *SETTINGS, check=True)
 
     run_dir = tmp_path / "run"
     zombie = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *SETTINGS)  # the old Colab session
@@ -52,7 +53,7 @@ def test_zombie_session_is_fenced_and_the_resumed_run_ends_bit_identical(tmp_pat
     assert len(lines) == 1 and "taken over" in lines[0] and "stale incarnation 1" in lines[0], zombie_err[-2000:]
 
     assert committed_steps_on_disk(run_dir)[-1] == 40
-    assert run_cli("verify", str(run_dir)).returncode == 0
+    assert run_cli_inprocess("verify", str(run_dir)).returncode == 0
     a = load_file(data_path(straight, 40, "model.safetensors"))
     b = load_file(data_path(run_dir, 40, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

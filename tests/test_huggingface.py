@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli
+from helpers import run_cli_inprocess
 from safetensors.torch import load_file
 
 from resilient_train.cli import main
@@ -115,7 +116,7 @@ def hf_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def straight_run(hf_task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HF task trained 10 steps without interruption, through the CLI."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run_cli("run", str(hf_task), "--run-dir", str(run_dir), check=True)
+    run_cli_inprocess("run", str(hf_task), "--run-dir", str(run_dir), check=True)
     return run_dir
 
 
@@ -244,7 +245,7 @@ def test_export_hf_loads_with_from_pretrained_with_identical_weights_logits_and_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
-    proc = run_cli("export", str(straight_run), str(out), "--format", "hf", check=True)
+    proc = run_cli_inprocess("export", str(straight_run), str(out), "--format", "hf", check=True)
     assert "GPT2LMHeadModel" in proc.stderr and "step 10" in proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
 
@@ -276,8 +277,8 @@ def test_export_hf_of_a_peft_model_writes_the_trained_adapter_for_peft_model_fro
     from peft import PeftModel
 
     run_dir, out = tmp_path / "run", tmp_path / "adapter"
-    run_cli("run", str(hf_task), "--run-dir", str(run_dir), "task.peft=true", "trainer.max_steps=6", check=True)
-    proc = run_cli("export", str(run_dir), str(out), "--format", "hf", check=True)
+    run_cli_inprocess("run", str(hf_task), "--run-dir", str(run_dir), "task.peft=true", "trainer.max_steps=6", check=True)
+    proc = run_cli_inprocess("export", str(run_dir), str(out), "--format", "hf", check=True)
     assert "adapter (PEFT)" in proc.stderr
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     assert "model.safetensors" not in os.listdir(out)  # the adapter alone, not the base model
@@ -302,9 +303,9 @@ def test_export_hf_without_transformers_says_how_to_install_it(tmp_path: Path, m
 def test_export_hf_of_a_plain_torch_model_is_one_line_exit_2(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "trainer.max_steps=3", "checkpoint.every_n_steps=3",
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), "trainer.max_steps=3", "checkpoint.every_n_steps=3",
             "task.n=32", check=True)
-    proc = run_cli("export", str(run_dir), str(tmp_path / "out"), "--format", "hf")
+    proc = run_cli_inprocess("export", str(run_dir), str(tmp_path / "out"), "--format", "hf")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "not a Hugging Face model" in lines[0] and "--format safetensors" in lines[0]

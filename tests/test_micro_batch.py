@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
+from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, run_cli_fast, start_cli, wait_for
+from helpers import run_cli_inprocess
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -33,14 +34,14 @@ BASE = ["trainer.max_steps=12", "trainer.batch_size=8", "trainer.accumulate_grad
 
 def _run(tmp_path: Path, name: str, *extra: str, check_exit: int = 0) -> Path:
     run_dir = tmp_path / name
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, *extra)
+    proc = run_cli_fast("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, *extra)
     assert proc.returncode == check_exit, proc.stderr[-3000:]
     return run_dir
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     out = run_dir.parent / f"{run_dir.name}.safetensors"
-    run_cli("export", str(run_dir), str(out), check=True)
+    run_cli_inprocess("export", str(run_dir), str(out), check=True)
     return load_file(str(out))
 
 
@@ -157,7 +158,7 @@ def test_auto_shrinks_on_out_of_memory_and_ends_bit_identical_to_the_small_chunk
     # OOM above 2 samples on every second call: the first chunk of a step has already put its
     # gradients in place when the second one fails, and dropout has drawn its masks
     run_dir = tmp_path / "auto"
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, "trainer.micro_batch_size=auto",
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), *BASE, "trainer.micro_batch_size=auto",
                    "task.oom_above=2", "task.oom_every=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retrying the step with 4" in proc.stderr and "retrying the step with 2" in proc.stderr
@@ -176,7 +177,7 @@ def test_a_resumed_session_starts_at_the_size_found_on_this_device(tmp_path: Pat
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    resumed = run_cli("resume", str(run_dir))
+    resumed = run_cli_inprocess("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "device micro-batch 2 (found on cpu by an earlier session)" in resumed.stderr
     assert "out of memory" not in resumed.stderr  # no failed attempt: it started at the size that fits

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TASK, error_lines, run_cli
+from conftest import TINY_TASK, error_lines
+from helpers import run_cli_inprocess
 from resilient_train.plot import read_history
 from resilient_train.storage import Storage
 
@@ -16,8 +17,8 @@ from resilient_train.storage import Storage
 def two_session_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("plot") / "run"
     common = ["task.n=64", "trainer.log_every_n_steps=2", "checkpoint.every_n_steps=4"]
-    run_cli("run", TINY_TASK, "--run-dir", str(run_dir), "trainer.max_steps=8", *common, check=True)
-    run_cli("resume", str(run_dir), "trainer.max_steps=14", check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run_dir), "trainer.max_steps=8", *common, check=True)
+    run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=14", check=True)
     return run_dir
 
 
@@ -29,7 +30,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def test_plot_writes_a_png_for_a_run_with_two_sessions(two_session_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "history.png"
-    proc = run_cli("plot", str(two_session_run), str(out))
+    proc = run_cli_inprocess("plot", str(two_session_run), str(out))
     assert proc.returncode == 0, proc.stderr
     assert "2 session(s)" in proc.stderr
     data = out.read_bytes()
@@ -46,5 +47,5 @@ def test_history_finds_both_sessions_and_their_resume_point(two_session_run: Pat
 
 
 def test_plot_of_a_missing_run_exits_3(tmp_path: Path) -> None:
-    proc = run_cli("plot", str(tmp_path / "nothing"), str(tmp_path / "x.png"))
+    proc = run_cli_inprocess("plot", str(tmp_path / "nothing"), str(tmp_path / "x.png"))
     assert proc.returncode == 3 and len(error_lines(proc.stderr)) == 1

@@ -24,7 +24,7 @@ from conftest import (
     start_cli,
     wait_for,
 )
-from helpers import assert_same_weights
+from helpers import assert_same_weights, run_cli_inprocess
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def _run_args(run_dir: Path, order_log: Path) -> list[str]:
 
 
 def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    run_cli("export", str(run_dir), str(out), check=True)
+    run_cli_inprocess("export", str(run_dir), str(out), check=True)
     return load_file(str(out))
 
 
@@ -62,7 +62,7 @@ def _truncate_log(order_log: Path, run_dir: Path) -> None:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], list[str]]:
     tmp = tmp_path_factory.mktemp("baseline")
     order_log = tmp / "order.log"
-    proc = run_cli(*_run_args(tmp / "run", order_log))
+    proc = run_cli_inprocess(*_run_args(tmp / "run", order_log))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return _export(tmp / "run", tmp / "final.safetensors"), order_log.read_text().splitlines()
 

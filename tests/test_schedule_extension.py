@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO
+from helpers import run_cli_inprocess
 from resilient_train.metrics import read_rows
 from resilient_train.storage import Storage
 
@@ -30,9 +31,9 @@ def _lrs(run_dir: Path) -> dict[int, float]:
 def test_extending_a_run_continues_at_the_final_learning_rate(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     task = str(REPO / "examples" / "char_gpt.py")
-    run_cli("run", task, "--run-dir", str(run_dir), "trainer.max_steps=20", *SMALL, check=True)
+    run_cli_inprocess("run", task, "--run-dir", str(run_dir), "trainer.max_steps=20", *SMALL, check=True)
     final = _lrs(run_dir)[20]
-    run_cli("resume", str(run_dir), "trainer.max_steps=26", check=True)
+    run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=26", check=True)
     lrs = _lrs(run_dir)
     peak = 6e-3
     assert final == pytest.approx(peak * 0.1, rel=0.05)  # the cosine reached its floor at step 20
@@ -42,9 +43,9 @@ def test_extending_a_run_continues_at_the_final_learning_rate(tmp_path: Path) ->
 def test_an_explicit_schedule_length_change_takes_effect_when_allowed(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     task = str(REPO / "examples" / "char_gpt.py")
-    run_cli("run", task, "--run-dir", str(run_dir), "trainer.max_steps=20", *SMALL, check=True)
+    run_cli_inprocess("run", task, "--run-dir", str(run_dir), "trainer.max_steps=20", *SMALL, check=True)
     floor = _lrs(run_dir)[20]
-    proc = run_cli("resume", str(run_dir), "trainer.max_steps=24", "task.schedule_steps=40",
+    proc = run_cli_inprocess("resume", str(run_dir), "trainer.max_steps=24", "task.schedule_steps=40",
                    "--allow-change", "task.schedule_steps", check=True)
     assert "approximate" in proc.stderr
     lrs = _lrs(run_dir)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
+from conftest import TINY_TASK, committed_steps_on_disk, error_lines, start_cli, wait_for
+from helpers import run_cli_inprocess
 from safetensors.torch import load_file
 
 from resilient_train.config import CheckpointConfig
@@ -56,7 +57,7 @@ def test_one_signal_name_alone_is_a_list_of_one() -> None:
 
 @pytest.mark.slow
 def test_sigusr1_saves_exits_75_and_the_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    straight = run_cli("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *SETTINGS)
+    straight = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *SETTINGS)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run_dir = tmp_path / "slurm"
@@ -70,16 +71,16 @@ def test_sigusr1_saves_exits_75_and_the_resume_matches_an_uninterrupted_run(tmp_
     step = int(stopped.split("stopped at step")[1].split()[0])
     assert committed_steps_on_disk(run_dir)[-1] == step < 24
 
-    resumed = run_cli("resume", str(run_dir))
+    resumed = run_cli_inprocess("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("straight", "slurm"):
-        run_cli("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
+        run_cli_inprocess("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
     a, b = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "slurm.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_bad_stop_signal_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    proc = run_cli("run", TINY_TASK, "--run-dir", str(tmp_path / "run"), "checkpoint.stop_signals=[SIGKILL]")
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "run"), "checkpoint.stop_signals=[SIGKILL]")
     assert proc.returncode == 2
     assert len(error_lines(proc.stderr)) == 1 and "checkpoint.stop_signals" in proc.stderr
     assert not (tmp_path / "run").exists()

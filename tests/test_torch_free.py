@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_TASK, cli_env, run_cli
+from conftest import REPO, TINY_TASK, cli_env
+from helpers import run_cli_inprocess
 
 BLOCK = """
 import sys
@@ -33,7 +34,7 @@ def _torch_free(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("torch-free") / "run"
-    run_cli("run", TINY_TASK, "--run-dir", str(run), "trainer.max_steps=6", "checkpoint.every_n_steps=3", check=True)
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run), "trainer.max_steps=6", "checkpoint.every_n_steps=3", check=True)
     return run
 
 

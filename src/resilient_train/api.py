@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from resilient_train.config import ConfigChange, RunConfig, check_config_changes, load_yaml_layer, parse_overrides, resolve
 from resilient_train.errors import UsageError
+from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
 from resilient_train.seeding import seed_everything
 from resilient_train.task import BUILD_KEYS_NOT_FOR_FIT, Task, load_task
@@ -20,13 +21,14 @@ def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange
 
     A new run folder is written whole before `build` (task snapshot, run id, run.yaml last); an
     existing one holding another task is refused (UsageError, exit 2) before anything is built or
-    written, and its snapshot and run.yaml are replaced only after its checkpoint was restored.
+    written, and its snapshot and run.yaml are replaced only after the first optimizer step of the session.
     `config_changes` (from `check_config_changes`) label the resume and go into the session record.
     """
     from resilient_train.trainer import Trainer
 
     trainer = Trainer(cfg)
     trainer.prepare_run(task, config_changes)
+    trainer.stop_if_asked_before_training()  # a stop during start-up: 75 before build loads anything
     seed_everything(cfg.seed)
     parts = task.build(cfg.to_dictconfig())
     return trainer.fit(**{k: v for k, v in parts.items() if k not in BUILD_KEYS_NOT_FOR_FIT})
@@ -43,15 +45,25 @@ def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = N
     Returns the `FitResult`; raises `TrainingStopped` (exit code 75) when stopped by a signal or
     the session budget.
     """
-    loaded = load_task(task)
-    layers: list[Any] = [loaded.defaults]
-    if config:
-        layers.append(load_yaml_layer(config))
-    layers.append(parse_overrides(overrides))
+    given: list[Any] = [load_yaml_layer(config)] if config else []
+    given.append(parse_overrides(overrides))
     if run_dir:
-        layers.append({"run_dir": run_dir})
-    cfg = resolve(*layers)
+        given.append({"run_dir": run_dir})
+    _listen_for_configured_stops(given)  # before the task file imports: a SIGUSR1 given here stops it too
+    loaded = load_task(task)
+    cfg = resolve(loaded.defaults, *given)
+    StopRequest.retune_early(cfg.checkpoint.stop_signals)  # the task's CONFIG may name them
     return train_task(loaded, cfg, _changes_to_existing_run(loaded, cfg, allow_change))
+
+
+def _listen_for_configured_stops(given: Sequence[Any]) -> None:
+    """Stop signals named by --config or KEY=VALUE, listened for before the task is imported; a
+    config that does not resolve yet is reported later, with the task's CONFIG beneath it."""
+    try:
+        signals = resolve(*given).checkpoint.stop_signals
+    except UsageError:
+        return
+    StopRequest.retune_early(signals)
 
 
 def resume_run(run_dir: str, overrides: Sequence[str] = (), allow_change: Sequence[str] = ()) -> Any:
@@ -64,6 +76,7 @@ def resume_run(run_dir: str, overrides: Sequence[str] = (), allow_change: Sequen
     folder = RunFolder.at(run_dir)
     stored_layer = folder.read_config_layer()
     cfg = resolve(stored_layer, parse_overrides(overrides), {"run_dir": run_dir})
+    StopRequest.retune_early(cfg.checkpoint.stop_signals)
     changes = check_config_changes(resolve(stored_layer, {"run_dir": run_dir}), cfg, allow_change)
     with tempfile.TemporaryDirectory(prefix="resilient_train_task_") as tmp:
         return train_task(load_task(folder.task_entry(local_dir=tmp)), cfg, changes)

@@ -60,3 +60,15 @@ class TrainingStopped(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"
+
+
+class StoppedBeforeTraining(TrainingStopped):
+    """A stop asked for during start-up (the task importing, `build` loading a model): the run
+    stops before its first step and saves nothing new; exit 75 all the same, so a supervisor's
+    `until resume` loop goes on and the next session starts where the newest checkpoint is."""
+
+    def __init__(self, reason: str, rank: int = 0) -> None:
+        super().__init__(0, reason, rank=rank)
+
+    def __str__(self) -> str:
+        return f"stopped before training started ({self.reason}); nothing new was saved, resume to continue"

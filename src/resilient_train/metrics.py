@@ -74,6 +74,21 @@ def _parse(text: str) -> tuple[list[str], list[list[str]]]:
     return header or [], rows
 
 
+_TORCH_SIGCHLD_HANDLER = os.path.join("torch", "utils", "data", "_utils", "signal_handling.py")
+
+
+def _raised_by_a_dead_worker(exc: BaseException) -> bool:
+    """Whether torch's SIGCHLD handler raised `exc`: when a DataLoader worker dies it raises a plain
+    RuntimeError in the main thread wherever that thread is, often inside a metrics write, which
+    has nothing to do with it. Told by the frame it came from, not by its text."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_TORCH_SIGCHLD_HANDLER):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class MetricsLogger:
     """Rows of metrics, to `logs/metrics.csv` (at each `flush`) and to the session's trackers
     (at each `log`, so their charts are live). Global rank 0 only.
@@ -125,7 +140,12 @@ class MetricsLogger:
             self._write(rows)
         except Exception as exc:
             self._pending = (rows + self._pending)[-MAX_PENDING:]
-            log.warning("could not write logs/metrics.csv (%s: %s); will retry at the next flush", type(exc).__name__, exc)
+            if _raised_by_a_dead_worker(exc):
+                log.warning("a DataLoader worker was killed by a signal (%s); a signal sent to the whole process group "
+                            "(as Docker and Kubernetes stop a container) reaches the workers too; the metrics rows are "
+                            "kept for the next flush", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            else:
+                log.warning("could not write logs/metrics.csv (%s: %s); will retry at the next flush", type(exc).__name__, exc)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         path = self.run.local_path(LOGS, METRICS_CSV)  # an OS path can be appended to in place

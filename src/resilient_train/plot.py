@@ -1,10 +1,10 @@
 """`plot RUN OUT.png`: a run's loss, learning rate and throughput across all of its sessions, and
 one panel per other metric it logged (what `training_step` returned besides the loss, device stats).
 
-Each session (one process lifetime, e.g. one Colab VM) is shaded and labelled with its machine
-and precision, and resume points are marked, so one picture tells the story of a run that moved
-between machines. A resumed session re-logs the steps after its checkpoint; per step the newest
-session's row wins. matplotlib is an optional extra (`pip install 'resilient_train[plot]'`).
+Each session (one process lifetime, e.g. one Colab VM) is shaded and named in a legend with its
+machine and precision, and resume points are marked, so one picture tells the story of a run that
+moved between machines. A resumed session re-logs the steps after its checkpoint; per step the
+newest session's row wins, in every panel. matplotlib is an optional extra (`pip install 'resilient_train[plot]'`).
 
 Damaged bookkeeping does not stop a plot: rows of `logs/metrics.csv` that do not parse (a torn last
 row) are skipped, and a damaged `sessions.json` leaves the sessions unlabelled (one warning line).
@@ -85,6 +85,7 @@ def read_history(run: Storage) -> RunHistory:
     lr: dict[int, tuple[int, float]] = {}
     val: dict[int, tuple[int, float]] = {}
     extra: dict[str, dict[int, tuple[int, float]]] = {}
+    rates: dict[int, tuple[int, float]] = {}
     for row in rows:
         session, step = row["session"], row["step"]
         if session not in sessions:
@@ -101,9 +102,11 @@ def read_history(run: Storage) -> RunHistory:
             if value is not None and (step not in table or table[step][0] <= session):
                 table[step] = (session, value)
         rate = _float(row.get("samples_per_sec"))
-        if rate is not None and _float(row.get("loss")) is not None:
-            sessions[session].steps.append(step)
-            sessions[session].throughput.append(rate)
+        if rate is not None and _float(row.get("loss")) is not None and (step not in rates or rates[step][0] <= session):
+            rates[step] = (session, rate)
+    for step, (session, rate) in sorted(rates.items()):  # a killed session's re-logged steps: the resume's
+        sessions[session].steps.append(step)
+        sessions[session].throughput.append(rate)
     return RunHistory(
         loss={s: v for s, (_, v) in sorted(loss.items())},
         lr={s: v for s, (_, v) in sorted(lr.items())},
@@ -123,11 +126,25 @@ def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install 'resilient_train[plot]'") from None
     history = read_history(Storage(run_url))
+    fig = draw(history, title or run_url, plt)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    folder, _, name = out.rpartition("/")
+    Storage(folder or ".").write_bytes(buffer.getvalue(), name)
+    return history
+
+
+def draw(history: RunHistory, title: str, plt: Any) -> Any:
+    """The figure: loss (and validation loss), lr, samples/s and one panel per other metric; each
+    session shaded in its colour, resume points dashed, and the sessions named in one legend
+    (labels written at their start steps overlapped wherever sessions start close together, and
+    a killed session and its resume start at the same step)."""
     extra = list(history.extra)
     fig, axes = plt.subplots(3 + len(extra), 1, figsize=(10, 8.5 + 1.9 * len(extra)), sharex=True,
                              gridspec_kw={"height_ratios": [3, 1.2, 1.2] + [1.2] * len(extra)}, squeeze=False)
     ax_loss, ax_lr, ax_rate, *ax_extra = axes[:, 0]
-    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap; the stub returns Colormap
+    colors = plt.get_cmap("tab10").colors  # tab10 is a ListedColormap; the stub returns Colormap
     _series(ax_loss, history.loss, "train loss", "C0")
     if history.val_loss:
         _series(ax_loss, history.val_loss, "validation loss", "C3", marker="o")
@@ -141,25 +158,18 @@ def plot_run(run_url: str, out: str, title: Optional[str] = None) -> RunHistory:
             ax.axvspan(session.start_step, session.end_step, color=color, alpha=0.08, lw=0)
             if session.start_step > 0:
                 ax.axvline(session.start_step, color=color, ls="--", lw=1)
-        ax_loss.text(session.start_step, 1.01, f" session {session.number}: {session.label}", color=color,
-                     transform=ax_loss.get_xaxis_transform(), fontsize=8, rotation=0, va="bottom")
-        if session.steps:
-            ax_rate.plot(session.steps, session.throughput, color=color, marker=".", label=f"session {session.number}")
+        ax_rate.plot(session.steps, session.throughput, color=color, marker=".",
+                     label=f"session {session.number} (from step {session.start_step}): {session.label}")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right")
     ax_lr.set_ylabel("lr")
     ax_rate.set_ylabel("samples/s")
     axes[-1, 0].set_xlabel("step (dashed lines: resume points)")
     if history.sessions:
-        ax_rate.legend(loc="upper right", fontsize=8)
-    fig.suptitle(title or run_url, fontsize=10)
+        ax_rate.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    folder, _, name = out.rpartition("/")
-    Storage(folder or ".").write_bytes(buffer.getvalue(), name)
-    return history
+    return fig
 
 
 def _series(ax: Any, values: dict[int, float], label: str, color: str, marker: Optional[str] = None) -> None:

@@ -5,6 +5,12 @@ mean "stop" depends on who stops the job: Colab, SkyPilot and Kubernetes send SI
 presses Ctrl-C (SIGINT), and SLURM sends whatever `--signal` names (usually SIGUSR1) a while
 before the time limit. So the set is configurable (`checkpoint.stop_signals`). A second Ctrl-C
 interrupts at once, for a user who really means it.
+
+A request is honoured from the moment the CLI starts, not only once the loop runs: `run` and
+`resume` call `listen_early` first (the default signals), again as soon as the config is resolved
+(the configured ones), and `Trainer.fit`'s own StopRequest takes over from that recorder and sees
+a request made before it: a stop asked for while the task file imports or `build(cfg)` loads a
+model ends the process with 75 before training, instead of the signal's default action.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import signal
 import threading
 from collections.abc import Iterable
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT")
 # signals a scheduler or a person sends to ask a job to end; the others report faults, children,
@@ -46,6 +52,8 @@ def parse_signal(name: Any) -> signal.Signals:
 class StopRequest:
     """A flag set by the stop signals while installed (a context manager; restores previous handlers)."""
 
+    _early: ClassVar[Optional["StopRequest"]] = None  # the process's recorder from CLI start (listen_early)
+
     def __init__(self, signals: Iterable[Any] = DEFAULT_STOP_SIGNALS) -> None:
         self.reason: Optional[str] = None
         self.signals = tuple(dict.fromkeys(parse_signal(s) for s in signals))
@@ -55,7 +63,45 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        early = StopRequest._early
+        if early is not None and early is not self:  # after our handlers are in: no request falls between
+            self.reason = self.reason or early.reason
         return self
+
+    @classmethod
+    def listen_early(cls, signals: Iterable[Any] = DEFAULT_STOP_SIGNALS) -> None:
+        """Record stop requests process-wide from now on (the CLI's start, then the configured
+        set once the config is resolved), keeping a request already recorded."""
+        previous = cls._early
+        early = cls(signals)
+        early.__enter__()
+        if previous is not None:
+            early.reason = early.reason or previous.reason
+            for sig, handler in previous._previous.items():
+                if sig in early._previous:  # taken over: what to put back at the end is the original
+                    early._previous[sig] = handler
+                else:  # no longer a stop signal: its own meaning again
+                    signal.signal(sig, handler)
+            previous._previous.clear()
+        cls._early = early
+
+    @classmethod
+    def retune_early(cls, signals: Iterable[Any]) -> None:
+        """The configured signals, where a CLI command listens early (a no-op from Python)."""
+        if cls._early is not None:
+            cls.listen_early(signals)
+
+    @classmethod
+    def early_reason(cls) -> Optional[str]:
+        """The stop asked for since the CLI started, if any."""
+        return cls._early.reason if cls._early is not None else None
+
+    @classmethod
+    def forget_early(cls) -> None:
+        """Put back the handlers from before `listen_early` (the CLI's end)."""
+        if cls._early is not None:
+            cls._early.__exit__()
+            cls._early = None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

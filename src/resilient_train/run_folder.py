@@ -195,8 +195,8 @@ class RunFolder:
     def task_entry(self, local_dir: Optional[str] = None) -> str:
         """Path of the snapshotted task file, copied to `local_dir` first when the run is remote."""
         if not self.storage.exists(TASK_DIR, TASK_JSON):
-            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json); "
-                                f"run it with `run TASK --run-dir {self.storage.url}` instead")
+            raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json): a script that calls "
+                                "Trainer made it; run the same script again (Trainer.fit resumes by itself)")
         meta = self.task_meta()
         if meta is None:
             raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); "

@@ -19,6 +19,9 @@ from resilient_train.errors import UsageError
 
 _PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]+$")
 RESERVED = frozenset({"session", "step", "epoch", "time", "loss", "lr", "samples_per_sec", "val_loss"})
+# the device statistics (gpu_stats.py: gpu_mem_peak_gb, gpu_util, cpu_mem_gb, ...) and validation's
+# val_<name> averages of these metrics share the CSV's columns: a user metric must not take them
+RESERVED_PREFIXES = ("gpu_", "cpu_", "val_")
 
 
 def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -34,8 +37,11 @@ def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
             continue
         if not isinstance(name, str) or not _PRINTABLE.match(name):
             raise UsageError(f"training_step returned the metric name {name!r}; use a non-empty string without control characters")
-        if name in RESERVED:
-            raise UsageError(f"training_step returned the metric {name!r}, a name the trainer logs itself; rename it")
+        if name in RESERVED or name.startswith(RESERVED_PREFIXES):
+            what = "a name the trainer logs itself"
+            if name not in RESERVED:
+                what += f" (columns starting {', '.join(RESERVED_PREFIXES)} are device statistics and validation averages)"
+            raise UsageError(f"training_step returned the metric {name!r}, {what}; rename it")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise UsageError(f"training_step returned {name!r} of shape {tuple(value.shape)} beside the loss; metrics must be "

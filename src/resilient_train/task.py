@@ -76,7 +76,32 @@ def folder_on_sys_path(folder: Optional[str]) -> Iterator[None]:
             pass
 
 
+def _defines_build(path: str) -> bool:
+    """Whether the file's source binds the name `build` anywhere (a def, an assignment, an import,
+    or a `from x import *` that may bring it). Checked before the file runs: a script that trains
+    at import (calls `Trainer.fit` at module level) would otherwise train to the end before we
+    could say it is not a task. A syntax error is left for the import to report with its line."""
+    import ast
+
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (SyntaxError, ValueError):
+        return True
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "build":
+            return True
+        if isinstance(node, ast.Name) and node.id == "build" and isinstance(node.ctx, ast.Store):
+            return True
+        if isinstance(node, ast.alias) and (node.asname or node.name).split(".")[0] in ("build", "*"):
+            return True
+    return False
+
+
 def _module_from_file(path: str) -> ModuleType:
+    if not _defines_build(path):
+        raise UsageError(f"task file '{path}' defines no build(cfg) function, so it is not a task (it was not run); "
+                         "a script that calls Trainer.fit itself runs as `python SCRIPT.py`, see docs/configuration.md#task-files")
     stem = os.path.splitext(os.path.basename(path))[0]
     name = f"resilient_train_task_{stem}"
     spec = importlib.util.spec_from_file_location(name, path)

@@ -16,8 +16,9 @@ from lightning_fabric import Fabric
 
 from resilient_train.config import ConfigChange, RunConfig, kwargs_layer, resolve
 from resilient_train.console import ensure_log_handler
-from resilient_train.errors import TrainingStopped, UsageError
+from resilient_train.errors import StoppedBeforeTraining, TrainingStopped, UsageError
 from resilient_train.loop import session as session_lib
+from resilient_train.loop.comm import agree, info
 from resilient_train.loop.parts import StepFn, default_training_step
 from resilient_train.loop.train import train
 from resilient_train.preemption import StopRequest
@@ -86,8 +87,8 @@ class Trainer:
 
         An existing run is only checked: a different task is refused before anything is written
         (UsageError on rank 0, exit code 2 on the others). Its task snapshot and `run.yaml` are
-        replaced only once `fit` has restored its checkpoint (loop/session.py), so a `run` or
-        `resume` that fails to restore leaves the stored ones as they were. `config_changes`
+        replaced only after the session's first optimizer step (loop/session.py), so a `run` or
+        `resume` that fails to restore or to start training leaves the stored ones as they were. `config_changes`
         (against the stored config) label the resume and go into the session record.
         """
         fabric = self.launch()
@@ -106,6 +107,20 @@ class Trainer:
         fabric.barrier()
         self._task, self._changes = task, list(config_changes)
         self._run_prepared = True
+
+    def stop_if_asked_before_training(self) -> None:
+        """Raise StoppedBeforeTraining (exit 75) when a stop signal came since the CLI started."""
+        self._stop_before_training(StopRequest.early_reason())
+
+    def _stop_before_training(self, reason: Optional[str]) -> None:
+        """Every rank stops before the first step when any was asked to (signals may reach only
+        some processes); nothing is saved: the newest checkpoint, if any, is where a resume starts."""
+        fabric = self.launch()
+        if not agree(fabric, reason is not None):
+            return
+        stopped = StoppedBeforeTraining(reason or "another rank", rank=fabric.global_rank)
+        info(fabric, str(stopped))  # the one line that says it (the CLI prints nothing more)
+        raise stopped
 
     def fit(
         self,
@@ -129,6 +144,7 @@ class Trainer:
         setup = session_lib.build_setup(fabric, self.config, inputs)
         identity = session_lib.RunIdentity(self.precision, self._changes, self._task)
         with StopRequest(self.config.checkpoint.stop_signals) as stop:  # a SIGTERM while the checkpoint loads still ends with 75
+            self._stop_before_training(stop.reason)  # asked for during start-up (the CLI listened from its start)
             session = session_lib.start(setup, stop, identity)
             try:
                 loss, val_loss = train(session)

@@ -5,15 +5,25 @@ forward and backward run: they only read the weights), signals `staged`, then ru
 protocol. The loop waits for `staged` before the optimizer changes any state, and for the whole
 save before the next one or before the process ends: a daemon thread killed at interpreter exit
 in the middle of a copy aborts the process ("terminate called without an active exception").
+
+Whatever the save raises (a collective whose peer died under DDP: "Connection closed by peer")
+becomes its FAILED outcome, reported by the saver in one line like any failed save, with the
+traceback at debug level; it is never re-raised in the thread, which would print the thread's
+own traceback. Only a BaseException (the process itself dying) still propagates.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import traceback
 from typing import Callable, Optional
 
 from resilient_train.checkpoint.protocol import Result, SaveOutcome
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 class BackgroundWriter:
@@ -51,6 +61,9 @@ class BackgroundWriter:
                 finally:
                     staged.set()
                 self._outcome = save()
+            except Exception as exc:  # noqa: BLE001 - e.g. a collective whose peer died: this save's outcome, one line
+                self._outcome = SaveOutcome(step, Result.FAILED, error=f"the save failed: {type(exc).__name__}: {_first_line(exc)}",
+                                            traceback=traceback.format_exc())
             except BaseException as exc:  # noqa: BLE001 - even a simulated process death leaves an outcome
                 self._outcome = SaveOutcome(step, Result.FAILED, error=f"the background writer died: {type(exc).__name__}: {exc}")
                 raise

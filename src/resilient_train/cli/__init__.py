@@ -76,6 +76,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+# commands that train: they take stop signals from the moment the CLI starts (preemption.py)
+_TRAINING_COMMANDS = ("run", "resume")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -90,6 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # final `error:` line say the same in one line each
     for chatty in ("gcsfs", "aiohttp"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    from resilient_train.preemption import StopRequest
+
+    if next((word for word in argv if not word.startswith("-")), None) in _TRAINING_COMMANDS:
+        StopRequest.listen_early()  # a stop from the first second: 75, never the signal's default action
     try:
         args = _parse(build_parser(), argv)
         return int(COMMANDS[args.command].run(args) or 0)
@@ -121,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_FAILED
         print(f"error: {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        StopRequest.forget_early()
 
 
 def _first_line(exc: BaseException) -> str:

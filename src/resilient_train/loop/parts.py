@@ -77,6 +77,27 @@ def make_scheduler(scheduler: Any, optimizer: Any) -> Any:
     raise UsageError(f"scheduler must be an LR scheduler or a callable optimizer -> scheduler, got {type(scheduler).__name__}")
 
 
+def check_scheduler_horizon(scheduler: Any, step: int, max_steps: int) -> None:
+    """Refuse (exit 2) before training a schedule that cannot reach `max_steps`.
+
+    OneCycleLR keeps `total_steps` in its state (a resume restores it over the rebuilt one) and
+    raises "Tried to step N times" past it: `resume RUN trainer.max_steps=MORE` on a finished
+    one-cycle run would print its resume line, then crash, on every later resume too.
+    """
+    total = getattr(scheduler, "total_steps", None)
+    taken = getattr(scheduler, "last_epoch", None)
+    if not isinstance(total, int) or not isinstance(taken, int) or isinstance(total, bool):
+        return
+    if taken + (max_steps - step) <= total:
+        return
+    name = type(scheduler).__name__
+    most = step + total - taken
+    raise UsageError(
+        f"the scheduler {name} was built for total_steps={total} and has stepped {taken} times, so it cannot "
+        f"train to trainer.max_steps={max_steps} (it stops at step {most}); set trainer.max_steps={most} or less, "
+        f"or start a new run with a schedule that can extend (docs/configuration.md, Extending a run)")
+
+
 def accumulation(fabric: Fabric, cfg: TrainerConfig, per_micro_step: int) -> int:
     """Micro-batches per optimizer step: configured, or derived from `trainer.global_batch_size`
     so that another world size keeps the same samples per optimizer step."""

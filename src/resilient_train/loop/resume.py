@@ -27,6 +27,7 @@ from resilient_train.env import fingerprint
 from resilient_train.errors import CheckpointError, UsageError
 from resilient_train.loop.comm import info
 from resilient_train.loop.layout import RunLayout
+from resilient_train.loop.parts import check_scheduler_horizon
 from resilient_train.portability import ResumeAssessment, assess
 
 log = logging.getLogger("resilient_train")
@@ -56,8 +57,12 @@ class Resumed:
 
 
 def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: TrainingParts, layout: RunLayout, max_steps: int,
-           precision: Optional[str], changes: Sequence[ConfigChange]) -> Resumed:
-    """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it."""
+           precision: Optional[str], changes: Sequence[ConfigChange], schedule_to: Optional[int] = None) -> Resumed:
+    """Restore the newest valid checkpoint of the run folder or its mirror; rank 0 picks it.
+
+    `schedule_to` (max_steps, when no max_epochs may end the run first): the restored scheduler
+    must be able to step that far, checked before the resume is announced.
+    """
     rank = fabric.global_rank
     wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, *fmt.rank_files(rank)}
     choice, found = _choose(fabric, managers, parts, wanted)
@@ -76,6 +81,13 @@ def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Trainin
     progress, problems = state_lib.restore(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
     for problem in problems:
         log.warning("rank %d: %s", rank, problem)
+    if schedule_to is not None:
+        try:
+            check_scheduler_horizon(parts.scheduler, progress.step, schedule_to)
+        except UsageError:
+            if rank == 0:
+                raise
+            raise SystemExit(UsageError.exit_code) from None
     info(fabric, f"resumed from {loaded.info.path} (step {step}, epoch {progress.epoch})")
     recorded = loaded.manifest.get("metrics")
     # a shuffled run keeps the order algorithm it started with (checkpoints before feistel-v1: randperm)

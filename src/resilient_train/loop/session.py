@@ -23,7 +23,7 @@ from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig
 from resilient_train.data import BatchSource, build_eval_loader, build_source
 from resilient_train.env import fingerprint
-from resilient_train.errors import TrainingStopped
+from resilient_train.errors import TrainingStopped, UsageError
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.loop import parts as parts_lib
 from resilient_train.loop.comm import agree, info
@@ -78,12 +78,23 @@ class Session:
     resumed: Resumed
     saver: CheckpointSaver
     number: int  # the session's number in sessions.json (0 on ranks other than 0)
+    task: Optional[Task] = None
     forward_backward: ForwardBackward = field(init=False)
+    _config_pending: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         s = self.setup
         self.forward_backward = ForwardBackward(s.fabric, s.parts.model, s.parts.optimizer, s.step_fn, s.stream,
                                                 s.micro_batches, s.chunking, on_resize=self.saver.set_device_micro_batch)
+
+    def record_config(self) -> None:
+        """After the session's first optimizer step (global rank 0, once): the task snapshot (when
+        it changed) and `run.yaml` become what this session trains with. Not earlier: a session
+        that fails before it trains (a schedule too short for a new max_steps, a crash in the
+        first step) leaves the stored config as it was, so the next resume is not stuck with it."""
+        if self._config_pending and self.setup.fabric.global_rank == 0:
+            RunFolder(self.setup.run).refresh(self.setup.cfg, self.task)
+        self._config_pending = False
 
     @property
     def progress(self) -> state_lib.Progress:
@@ -137,16 +148,25 @@ class RunIdentity:
 def start(setup: Setup, stop: StopRequest, identity: RunIdentity) -> Session:
     """Resume (a stop signal meanwhile ends it with 75, nothing new saved), then record the session."""
     fabric = setup.fabric
-    resumed = resume(fabric, setup.managers, setup.parts, setup.layout, setup.cfg.trainer.max_steps, identity.precision,
-                     identity.changes)
+    tcfg = setup.cfg.trainer
+    schedule_to = tcfg.max_steps if tcfg.max_epochs is None else None  # how far the scheduler must step
+    resumed = resume(fabric, setup.managers, setup.parts, setup.layout, tcfg.max_steps, identity.precision,
+                     identity.changes, schedule_to)
     if agree(fabric, stop.reason is not None):
         info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
         raise TrainingStopped(resumed.progress.step, stop.reason or "signal", rank=fabric.global_rank)
+    if schedule_to is not None and resumed.step is None:  # a fresh start (a resume checked its restored one)
+        try:
+            parts_lib.check_scheduler_horizon(setup.parts.scheduler, 0, schedule_to)
+        except UsageError:  # every rank stops; rank 0 says it
+            if fabric.global_rank == 0:
+                raise
+            raise SystemExit(UsageError.exit_code) from None
     layout = resumed.layout or setup.layout
     setup.stream.use_order(layout.order)
     setup.stream.seek(resumed.progress.epoch, resumed.progress.cursor, resumed.data)
     number, saver = _record_and_saver(setup, layout, resumed, identity)
-    return Session(setup, stop, resumed, saver, number)
+    return Session(setup, stop, resumed, saver, number, identity.task)
 
 
 def _record_and_saver(setup: Setup, layout: RunLayout, resumed: Resumed, identity: RunIdentity) -> tuple[int, CheckpointSaver]:
@@ -156,7 +176,6 @@ def _record_and_saver(setup: Setup, layout: RunLayout, resumed: Resumed, identit
     number, lease, mirror = 0, None, None
     if rank == 0:
         folder = RunFolder(setup.run)
-        folder.refresh(cfg, identity.task)  # restored: now the task snapshot and the config this session trains with
         lease = Lease.acquire(setup.run)
         number = folder.start_session(resumed.progress.step, {
             "incarnation": lease.incarnation, "world_size": fabric.world_size,

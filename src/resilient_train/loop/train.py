@@ -48,6 +48,7 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
             progress.epoch, progress.cursor = s.stream.epoch, s.stream.cursor
             window.step_done()
             saver.on_step_end()  # surfaces a background save's outcome
+            session.record_config()  # run.yaml says this config once a step of it succeeded
 
             step = progress.step
             last_step = step == tcfg.max_steps or _epochs_done(tcfg, s.stream)
@@ -82,15 +83,17 @@ def _capture(session: Session) -> fmt.Snapshot:
 
 
 def _validate(session: Session, metrics: Optional[MetricsLogger]) -> float:
-    """Validate, keep the best val_loss in the progress record, and report it."""
+    """Validate, keep the best val_loss in the progress record, and report it with the val_<name>
+    averages of the metrics training_step returns."""
     s, progress = session.setup, session.progress
-    val_loss = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
+    values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
+    val_loss = values["val_loss"]
     best = progress.best.get("val_loss")
     if best is None or val_loss < best:
         progress.best["val_loss"] = val_loss
-    info(s.fabric, f"step {progress.step}: val_loss {val_loss:.4f}")
+    info(s.fabric, f"step {progress.step}: " + " ".join(f"{name} {value:.4f}" for name, value in values.items()))
     if metrics is not None:
-        metrics.log(progress.step, epoch=progress.epoch, val_loss=val_loss)
+        metrics.log(progress.step, epoch=progress.epoch, **values)
     return val_loss
 
 

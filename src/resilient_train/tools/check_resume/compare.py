@@ -65,6 +65,13 @@ def read_final_state(run_dir: str) -> FinalState:
                       manifest=loaded.manifest, config=config, metrics=_metrics(run))
 
 
+def _compared(column: str) -> bool:
+    """The columns a resume must reproduce: the losses and every metric training_step returns (and
+    their val_ averages); not bookkeeping, timing, the learning rate's display or device statistics."""
+    return column not in ("session", "step", "epoch", "time", "lr", "samples_per_sec") and \
+        not column.startswith(("gpu_", "cpu_"))
+
+
 def _metrics(run: Any) -> dict[tuple[str, int], float]:
     from resilient_train.metrics import read_rows
 
@@ -74,7 +81,7 @@ def _metrics(run: Any) -> dict[tuple[str, int], float]:
         return {}
     values: dict[tuple[str, int], float] = {}
     for row in rows:  # file order: a later session's row for a step replaces an earlier one's
-        for column in ("loss", "val_loss"):
+        for column in (name for name in row if _compared(name)):
             text = row.get(column) or ""
             try:
                 values[(column, row["step"])] = float(text)

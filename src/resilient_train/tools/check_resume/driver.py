@@ -47,8 +47,8 @@ class Child:
             pass
 
     def interrupt(self, sig: int) -> None:
-        """SIGKILL to the whole (paused) group; SIGTERM to the main process only, which stops its
-        workers itself, then the group continued so it can stop and save."""
+        """SIGKILL to the whole (paused) group; a stop signal to the main process only, which stops
+        its workers itself, then the group continued so it can stop and save."""
         if sig == signal.SIGKILL:
             self.group_signal(signal.SIGKILL)
         else:
@@ -75,6 +75,16 @@ class Child:
         if self.alive():
             self.group_signal(signal.SIGKILL)
             self.proc.wait()
+
+
+def stop_signal(run_dir: str) -> int:
+    """The signal that asks this run to stop: the first of its `checkpoint.stop_signals`, read
+    from the run's own run.yaml (SIGTERM under the defaults, SIGUSR1 where a SLURM setup chose it;
+    a SIGTERM the run does not take as a stop would kill it instead)."""
+    from resilient_train.run_folder import RunFolder
+
+    names = RunFolder.at(run_dir).read_config().checkpoint.stop_signals
+    return int(signal.Signals[names[0]])
 
 
 class Checkpoints:

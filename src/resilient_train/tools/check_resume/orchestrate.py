@@ -4,7 +4,8 @@ The interrupted run (a checkpoint every E steps, so there are steps between save
   1. `run`; SIGKILL to its process group as the checkpoint of step E commits (a save boundary);
   2. `resume` from E; SIGKILL as the save of step 3E begins: the checkpoint of 2E is committed,
      the steps after it are lost mid-save and replayed by the next resume;
-  3. `resume` from 2E; SIGTERM as the save of step 3E begins: the run stops a step or two later,
+  3. `resume` from 2E; the run's first stop signal (`checkpoint.stop_signals`, SIGTERM by default)
+     as the save of step 3E begins: the run stops a step or two later,
      off the save cadence, saves there and exits 75;
   4. `resume` to step N.
 Where each session resumed from and how it labelled that resume is read from the run's session
@@ -25,7 +26,7 @@ from typing import Optional, Sequence, TextIO
 from resilient_train.errors import EXIT_STOPPED, ResilientTrainError, UsageError
 from resilient_train.tools.check_resume.compare import compare, first_difference, read_final_state, report
 from resilient_train.tools.check_resume.diagnose import explain, gather_facts
-from resilient_train.tools.check_resume.driver import Checkpoints, Child, SaveWatch, pause_at_commit, pause_when
+from resilient_train.tools.check_resume.driver import Checkpoints, Child, SaveWatch, pause_at_commit, pause_when, stop_signal
 from resilient_train.tools.check_resume.plan import DEFAULT_STEPS, CheckFailed, NotResumeExact, Plan, make_plan
 from resilient_train.tools.check_resume.records import ResumeFact, last_session, resume_after
 
@@ -110,9 +111,9 @@ class Runs:
         checkpoints = Checkpoints(run_dir)
         done = [self._kill_at_commit(run_dir, checkpoints)]
         # 2. resume; SIGKILL as the save two checkpoints on begins: the steps since the last
-        #    committed checkpoint are lost mid-save and replayed. 3. resume; SIGTERM as the next
+        #    committed checkpoint are lost mid-save and replayed. 3. resume; a stop signal as the next
         #    save begins: the run stops a step or two later, off the cadence, saves there, exits 75.
-        for number, sig, ahead in ((2, signal.SIGKILL, 2), (3, signal.SIGTERM, 1)):
+        for number, sig, ahead in ((2, signal.SIGKILL, 2), (3, stop_signal(run_dir), 1)):
             done.append(self._resume_and_signal(run_dir, checkpoints, number, sig, ahead, done[-1]))
         # 4. resume to the end
         start = checkpoints.newest_committed()

@@ -48,12 +48,12 @@ test-plain:
 
 # ckpt-chaos (a dev extra, unmodified) kills the CLI at every file event of a short run, single
 # process and 2-rank DDP, resumes it and compares the final weights: every crash point must PASS.
-# Working folders go under /tmp. chaos-ci: 3 evenly spaced points per mode, single process and DDP.
+# Working folders go under /tmp. chaos-ci: 3 evenly spaced points per mode, single process, DDP and a frozen layer (shared files).
 chaos: $(STAMP)
 	$(PY) tests/chaos/chaos.py
 
 chaos-ci: $(STAMP)
-	$(PY) tests/chaos/chaos.py --setups single,ddp --max-points 6
+	$(PY) tests/chaos/chaos.py --setups single,ddp,single-frozen --max-points 6
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -42,9 +42,15 @@ def _data() -> TensorDataset:
     return TensorDataset(x, x.sum(dim=1, keepdim=True))
 
 
+FROZEN = {"frozen": False}  # the model of the current matrix: with a frozen layer (shared files) or not
+
+
 def _fit(url: str, on_step: Callable[[int], None] = lambda n: None, **overrides) -> tuple[object, dict[str, torch.Tensor]]:
     seed_everything(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    if FROZEN["frozen"]:  # a frozen first layer and BatchNorm buffers: the save writes and references shared files
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        model[0].requires_grad_(False)
     calls = [0]
 
     def step(model: nn.Module, batch) -> torch.Tensor:
@@ -104,13 +110,16 @@ def _print(capsys: pytest.CaptureFixture, title: str, rows: list[Row], full: boo
             print(row.line())
 
 
-@pytest.fixture(scope="module")
-def straight() -> dict[str, torch.Tensor]:
+@pytest.fixture(scope="module", params=["plain", "frozen"])
+def straight(request: pytest.FixtureRequest) -> Iterator[dict[str, torch.Tensor]]:
+    """The uninterrupted run, for a plain model and for one whose frozen layer lives in shared files."""
+    FROZEN["frozen"] = request.param == "frozen"
     url = f"memory://rt-matrix-straight-{uuid.uuid4().hex}/run"
     try:
-        return _fit(url)[1]
+        yield _fit(url)[1]
     finally:
         forget(url)
+        FROZEN["frozen"] = False
 
 
 def test_a_crash_at_any_storage_call_of_a_save_loses_nothing_committed(straight, capsys) -> None:
@@ -122,9 +131,13 @@ def test_a_crash_at_any_storage_call_of_a_save_loses_nothing_committed(straight,
     forget(record_url)
     first, last = marks[6], marks[7]  # the calls of step 6's save (and its metrics flush)
     assert last - first >= 8, record.calls[first:last]
+    points = list(range(first + 1, last + 1))
+    if FROZEN["frozen"]:  # and the first save, which creates the shared files
+        points = list(range(marks[3] + 1, marks[4] + 1)) + points
+        assert any("/shared/" in path and op == "write" for op, path in record.calls[marks[3]:marks[4]])
 
     rows: list[Row] = []
-    for point in range(first + 1, last + 1):
+    for point in points:
         url = f"faulty://rt-matrix-{uuid.uuid4().hex}/run"
         plan = FaultPlan(crash_at=point)
         try:
@@ -135,18 +148,20 @@ def test_a_crash_at_any_storage_call_of_a_save_loses_nothing_committed(straight,
             valid = _valid_steps(url)
             result, weights = _fit(_memory(url))
             problems = []
-            if result.resumed_from != max(valid):
-                problems.append(f"resumed from {result.resumed_from}, newest valid {max(valid)}")
+            newest = max(valid) if valid else None  # a crash in the first save leaves nothing to resume
+            if result.resumed_from != newest:
+                problems.append(f"resumed from {result.resumed_from}, newest valid {newest}")
             if not _same(weights, straight):
                 problems.append("weights differ")
             manager = CheckpointManager(Storage(_memory(url)))
             if any(manager.verify(i) for i in manager.list() if i.status == COMMITTED):
                 problems.append("a committed checkpoint does not verify")
-            rows.append(Row(point - first, op, _short(path), valid,
-                            "PASS (resumed from %d, bit-identical)" % result.resumed_from if not problems else "FAIL: " + "; ".join(problems)))
+            rows.append(Row(point - marks[3] if point <= marks[4] and FROZEN["frozen"] else point - first, op, _short(path), valid,
+                            "PASS (resumed from %s, bit-identical)" % result.resumed_from if not problems else "FAIL: " + "; ".join(problems)))
         finally:
             forget(url)
-    _print(capsys, "crash matrix: save of step 6 (write files, commit, prune step 3, collect, metrics)", rows)
+    what = "saves of steps 3 and 6, shared files" if FROZEN["frozen"] else "save of step 6"
+    _print(capsys, f"crash matrix: {what} (write files, commit, prune step 3, collect, metrics)", rows)
     assert all(r.outcome.startswith("PASS") for r in rows), [r.line() for r in rows if not r.outcome.startswith("PASS")]
 
 

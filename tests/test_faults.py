@@ -111,7 +111,8 @@ def _valid_steps(url: str) -> list[int]:
         except ValueError:
             continue
         if manifest.get("step") == step and all(_matches(store.get(f"{folder}/{stored_name(name, record)}"), record)
-                                                for name, record in manifest["files"].items()):
+                                                for name, record in manifest["files"].items()) \
+                and all(_matches(store.get(f"{root}shared/{name}"), record) for name, record in manifest.get("shared", {}).items()):
             steps.append(step)
     return sorted(steps)
 

@@ -15,7 +15,10 @@ from typing import Any, Optional, cast
 
 import torch
 
+from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.format import Snapshot
+from resilient_train.checkpoint.frozen import ModelInfo, group_name, version_of
+from resilient_train.checkpoint.info import LoadedCheckpoint
 from resilient_train.checkpoint.jsonio import describe
 from resilient_train.errors import CheckpointError
 
@@ -195,8 +198,18 @@ def capture(
     # buffers (BatchNorm statistics) change during forward, so an async save must not read them
     # later: copy them now; parameters only change in optimizer.step(), which waits for the save
     parameters = {p.data_ptr() for p in model.parameters()}
-    weights = {k: v if v.data_ptr() in parameters else v.clone() for k, v in model_state(model).items()}
-    return Snapshot(model=weights, train=train, rng=capture_rng(), data=data)
+    live = model_state(model)
+    weights = {k: v if v.data_ptr() in parameters else v.clone() for k, v in live.items()}
+    return Snapshot(model=weights, train=train, rng=capture_rng(), data=data, model_info=model_info(model, live))
+
+
+def model_info(model: torch.nn.Module, live: dict[str, torch.Tensor]) -> ModelInfo:
+    """Which state-dict keys are trainable and each live tensor's version: what tells a save which
+    tensors changed since the last one (checkpoint/frozen.py) without hashing the model."""
+    storage = {p.untyped_storage().data_ptr(): p.requires_grad for p in model.parameters()}
+    trainable = frozenset(k for k, v in live.items() if storage.get(v.untyped_storage().data_ptr()) is True)
+    parameters = frozenset(k for k, v in live.items() if v.untyped_storage().data_ptr() in storage)
+    return ModelInfo(trainable=trainable, parameters=parameters, versions={k: version_of(v) for k, v in live.items()})
 
 
 def restore(
@@ -388,3 +401,34 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
+
+def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedCheckpoint) -> list[str]:
+    """Fill the shared tensors a checkpoint was loaded without; returns the shared files read.
+
+    A pretrained base that `build()` loads again is already in the live model: when the live
+    tensors of a shared file serialise to the same content name, they are taken as they are and
+    the file is not read (a resume from Drive downloads only what changed). Otherwise the file is
+    read and checked; when it is missing or damaged too, the checkpoint fails in one line naming
+    it, and resume falls back to an older one as for any other defect.
+    """
+    live = model_state(model)
+    by_file: dict[str, list[str]] = {}
+    for key, name in snapshot.unresolved.items():
+        by_file.setdefault(name, []).append(key)
+    resolved: dict[str, torch.Tensor] = {}
+    read: list[str] = []
+    for name, keys in by_file.items():
+        mine = {key: live[key] for key in keys if key in live}
+        if len(mine) == len(keys) and group_name(mine) == name:
+            resolved.update(mine)
+            continue
+        if loaded.read_shared is None:
+            raise CheckpointError(f"{loaded.info.path}: shared file {name} was not read")
+        try:
+            data = loaded.read_shared(name)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{loaded.info.path}: {exc}, and the model build() made does not hold its tensors") from None
+        resolved.update(fmt.shared_tensors(data, name, keys))
+        read.append(name)
+    fmt.complete_model(snapshot, resolved)
+    return read

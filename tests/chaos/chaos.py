@@ -7,7 +7,8 @@ job, and compares the exported final weights with the fault-free run's. Three se
 
 - `single`: one process;
 - `ddp`: two gloo ranks on CPU, launched by the harness like torchrun, rank 0 crashed;
-- `ddp-rank1`: the same, rank 1 crashed (its own RNG file is its only write).
+- `ddp-rank1`: the same, rank 1 crashed (its own RNG file is its only write);
+- `single-frozen`: one process, the first layer frozen, so saves create and reference shared files.
 
 A verdict other than PASS fails the run (exit 1), and so does a point that was not hit: a crash
 run that failed before its event tested nothing. Beside the harness's verdicts this script checks
@@ -56,6 +57,7 @@ SETUPS = {  # name -> (overrides, ranks, crash rank)
     "single": (SINGLE, 1, 0),
     "ddp": (DDP, 2, 0),
     "ddp-rank1": (DDP, 2, 1),
+    "single-frozen": (SINGLE + ["task.frozen=true"], 1, 0),  # shared files: created at the first save, referenced after
 }
 STEP_REGEX = r"resumed from .* \(step (\d+), epoch \d+\)"  # trainer.py `_resume`, printed by rank 0
 FAIL_ON = "HARD_FAIL,SILENT_DIVERGENCE,LOST_WORK,CONTROL_FAIL"

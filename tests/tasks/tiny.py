@@ -4,6 +4,7 @@
 test can compare the data order of an interrupted run with an uninterrupted one. `task.sleep`
 slows each step so a test can interrupt mid-run. `task.ballast` adds that many trained
 parameters so checkpoints are large and a save takes long enough to be killed in the middle.
+`task.frozen` freezes the first layer (its tensors go to the run's shared files, stored once).
 `task.fail_at` makes the training step raise on that call (a bug in user code mid-run).
 `task.oom_above` makes the step raise torch.OutOfMemoryError, after the forward pass (so dropout
 has drawn its masks), when it gets more samples than that, on every `task.oom_every`-th call (so
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -45,6 +46,8 @@ def build(cfg):
     model = nn.Sequential(nn.Linear(t.dim, t.hidden), nn.ReLU(), nn.Dropout(t.dropout), nn.Linear(t.hidden, 1))
     if t.ballast:
         model.register_parameter("ballast", nn.Parameter(torch.zeros(t.ballast)))
+    if t.frozen:
+        model[0].requires_grad_(False)
     log_path = t.order_log
     calls = [0]
 

@@ -7,7 +7,7 @@ manager (which applies its picks) do not import each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from resilient_train.checkpoint.format import Snapshot
@@ -29,6 +29,8 @@ class CheckpointInfo:
     reason: Optional[str] = None
     too_new: bool = False  # written by a newer format version
     entries: dict[str, dict] = field(default_factory=dict, repr=False)  # the folder's listing
+    shared_bytes: int = 0  # bytes of the shared files it references (stored once per run, not in `bytes`)
+    shared_problem: Optional[str] = None  # a shared file it references is missing or of the wrong size
 
     @property
     def names(self) -> frozenset[str]:
@@ -38,7 +40,7 @@ class CheckpointInfo:
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step, "path": self.path, "status": self.status, "bytes": self.bytes,
-            "created_at": self.created_at, "metrics": self.metrics, "reason": self.reason,
+            "shared_bytes": self.shared_bytes, "created_at": self.created_at, "metrics": self.metrics, "reason": self.reason,
         }
 
 
@@ -48,7 +50,8 @@ class LoadedCheckpoint:
 
     info: CheckpointInfo
     manifest: dict[str, Any]
-    files: dict[str, bytearray]
+    files: dict[str, bytearray]  # by logical name; a shared file read too is under `shared/<name>`
+    read_shared: Optional[Callable[[str], bytearray]] = field(default=None, repr=False)  # a shared file it references, checked
 
     def snapshot(self, rank: int) -> "Snapshot":
         from resilient_train.checkpoint import format as fmt

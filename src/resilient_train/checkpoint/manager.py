@@ -39,6 +39,7 @@ from resilient_train.checkpoint.manifest import (
 )
 from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.selection import load_newest_valid
+from resilient_train.checkpoint.shared import SHARED_DIR, Placed, SharedFiles, logical, shared_name
 from resilient_train.errors import CheckpointError
 from resilient_train.storage import Storage
 
@@ -84,33 +85,40 @@ class CheckpointManager:
     def __init__(self, run: Storage) -> None:
         self.run = run
         self.root = run.child("checkpoints")
+        self.shared = SharedFiles(self.root)
         # steps whose checkpoint verified but could not be decoded (foreign or hostile files):
         # a save at such a step replaces it instead of keeping it as "already committed"
         self.distrusted: set[int] = set()
         # committed manifests never change, so a parsed one is reused while its listing entry is
         # the same (size and store checksum or time): one read per checkpoint, not one per save
         self._manifests: dict[tuple[Any, ...], dict[str, Any]] = {}
+        # shared files this process read back intact: written once, so a save's prune need not
+        # read a frozen base again at every save (verify(info) with no `seen` uses it)
+        self._shared_verified: dict[str, Optional[str]] = {}
 
     # -- listing -------------------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
         """Every `step-N` folder, oldest first, from one recursive listing of `checkpoints/`."""
         folders: dict[int, dict[str, dict]] = {}
+        shared: dict[str, dict] = {}
         for rel, entry in self.root.walk().items():
             top, _, rest = rel.partition("/")
+            if top == SHARED_DIR and rest and "/" not in rest and entry.get("type") != "directory":
+                shared[rest] = entry
             step = parse_step_dir(top)
             if step is None:
                 continue
             files = folders.setdefault(step, {})
             if rest and "/" not in rest and entry.get("type") != "directory":
                 files[rest] = entry
-        return [self._describe(step, files) for step, files in sorted(folders.items())]
+        return [self._describe(step, files, shared) for step, files in sorted(folders.items())]
 
     def info(self, step: int) -> CheckpointInfo:
         name = step_dir(step)
         files = {e["basename"]: e for e in self.root.list_dir(name) if e.get("type") != "directory"}
         return self._describe(step, files)
 
-    def _describe(self, step: int, listing: dict[str, dict]) -> CheckpointInfo:
+    def _describe(self, step: int, listing: dict[str, dict], shared: Optional[dict[str, dict]] = None) -> CheckpointInfo:
         name = step_dir(step)
         info = CheckpointInfo(step=step, path=self.root.display(name), status=INCOMPLETE, entries=listing)
         info.bytes = sum(_size(e) for e in listing.values())
@@ -144,6 +152,18 @@ class CheckpointManager:
                 info.reason = f"{fname}: {_size(entry)} bytes, manifest says {record.get('bytes')}"
                 return info
             info.bytes += _size(entry)
+        needed = manifest.get("shared", {})
+        shared = self.shared.listing() if needed and shared is None else (shared or {})
+        for name, record in needed.items():
+            entry = shared.get(name)
+            if entry is None or _size(entry) != record.get("bytes"):
+                # still committed: a resume takes these tensors from the model build() makes when
+                # they match (state.resolve_shared), so a damaged shared file is no single point of failure
+                found = "is missing" if entry is None else f"has {_size(entry)} bytes, manifest says {record.get('bytes')}"
+                info.shared_problem = info.shared_problem or f"shared file {name} {found}"
+                continue
+            info.shared_bytes += _size(entry)
+            info.entries[f"{SHARED_DIR}/{name}"] = entry  # where store_mismatch finds its store checksum
         info.status = COMMITTED
         return info
 
@@ -190,6 +210,9 @@ class CheckpointManager:
         self.root.makedirs(name)
         records = {}
         for fname, data in files.items():
+            if isinstance(data, Placed):  # a shared file, already placed in shared/ by the serialiser
+                records[logical(data.name)] = dict(data.record)
+                continue
             chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
             target = physical(fname, token)
             self.root.write_bytes(chunks, name, target)
@@ -203,11 +226,13 @@ class CheckpointManager:
         comes from a fresh listing of the folder: sizes (and, on GCS, the store's own crc32c)
         are checked against the records without reading the data back.
         """
-        manifest = {**meta, "step": step, "files": records}
+        own = {name: record for name, record in records.items() if shared_name(name) is None}
+        shared = {str(shared_name(name)): record for name, record in records.items() if shared_name(name) is not None}
+        manifest = {**meta, "step": step, "files": own, **({"shared": shared} if shared else {})}
         self.root.create_exclusive(encode_manifest(manifest), step_dir(step), MANIFEST)
         info = self.info(step)
         if info.status == COMMITTED:
-            problem = self.store_mismatch(info)
+            problem = info.shared_problem or self.store_mismatch(info)  # a new checkpoint starts with every file intact
             if problem:
                 info.status, info.reason = CORRUPT, problem
         return info
@@ -217,16 +242,24 @@ class CheckpointManager:
 
         Free: it uses the listing, reads nothing. None where the store keeps no checksum.
         """
-        for fname, record in (info.manifest or {}).get("files", {}).items():
-            entry = info.entries.get(stored_name(fname, record), {})
+        manifest = info.manifest or {}
+        listed = [(fname, stored_name(fname, record), record) for fname, record in manifest.get("files", {}).items()]
+        listed += [(f"shared/{name}", f"{SHARED_DIR}/{name}", record) for name, record in manifest.get("shared", {}).items()]
+        for fname, where, record in listed:
+            entry = info.entries.get(where, {})
             stored = self.root.stored_checksum(entry)
             if stored is not None and "crc32c" in record and stored != record["crc32c"]:
                 return f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
         return None
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None) -> LoadedCheckpoint:
-        """Read and verify the files of a committed checkpoint (all of them, or `wanted`)."""
+    def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None, shared: bool = True) -> LoadedCheckpoint:
+        """Read and verify the files of a committed checkpoint (all of them, or `wanted`).
+
+        The shared files the model needs come along (as `shared/<name>`) when the model file is
+        wanted, unless `shared` is False: a resume first checks whether the model built by the
+        task already holds those tensors and reads only the ones it does not (loop/resume.py).
+        """
         if info.status != COMMITTED or info.manifest is None:
             raise CheckpointError(f"{info.path} is {info.status}: {info.reason}")
         name = step_dir(info.step)
@@ -242,13 +275,27 @@ class CheckpointManager:
             if problem:
                 raise CheckpointError(f"{info.path} is corrupt: {problem}")
             files[fname] = data
-        return LoadedCheckpoint(info=info, manifest=info.manifest, files=files)
+        if shared and (wanted is None or "model.safetensors" in wanted):  # format.MODEL_FILE (this module is torch-free)
+            for name, record in info.manifest.get("shared", {}).items():
+                try:
+                    files[logical(name)] = self.shared.read(name, record)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{info.path}: {exc}") from None
+        records = info.manifest.get("shared", {})
 
-    def verify(self, info: CheckpointInfo) -> builtins.list[str]:
+        def read_shared(name: str) -> bytearray:
+            if name not in records:
+                raise CheckpointError(f"{info.path} does not reference shared file {name}")
+            return self.shared.read(name, records[name])
+
+        return LoadedCheckpoint(info=info, manifest=info.manifest, files=files, read_shared=read_shared)
+
+    def verify(self, info: CheckpointInfo, seen: Optional[dict[str, Optional[str]]] = None) -> builtins.list[str]:
         """Re-read every byte of a checkpoint; one line per file that does not match its manifest.
 
         On stores that keep a checksum per object (GCS) that checksum is compared as well, which
-        catches an object replaced behind our back even when its size is unchanged.
+        catches an object replaced behind our back even when its size is unchanged. Shared files
+        are read once per `seen` (name -> problem), however many checkpoints reference them.
         """
         if info.status != COMMITTED or info.manifest is None:
             return [f"{step_dir(info.step)}: {info.status} ({info.reason})"]
@@ -268,6 +315,18 @@ class CheckpointManager:
                     problem = f"{fname}: store crc32c {stored}, manifest says {record['crc32c']}"
             if problem:
                 problems.append(f"{name}/{problem}")
+        seen = self._shared_verified if seen is None else seen
+        for shared, record in info.manifest.get("shared", {}).items():
+            if shared not in seen:
+                try:
+                    self.shared.read(shared, record)
+                    seen[shared] = None
+                except CheckpointError as exc:
+                    seen[shared] = str(exc)
+            if seen[shared] is not None:
+                problems.append(f"{SHARED_DIR}/{shared}: {seen[shared]}")
+                if seen is self._shared_verified:
+                    del seen[shared]  # only what verified is remembered: a damaged file is read again next time
         return problems
 
     def load_latest(self, wanted: Optional[set[str]] = None) -> Optional[LoadedCheckpoint]:
@@ -302,11 +361,7 @@ class CheckpointManager:
         records = (info.manifest or {}).get("files", {}).items()
         if records and all(self.root.stored_checksum(info.entries.get(stored_name(f, r), {})) for f, r in records):
             return self.store_mismatch(info) is None  # the store's own checksums: nothing to read
-        try:
-            self.load(info)
-        except CheckpointError:
-            return False
-        return True
+        return not self.verify(info)  # reads it back (shared files once per process)
 
     def make_room(self, policy: RetentionPolicy, infos: Optional[builtins.list[CheckpointInfo]] = None) -> builtins.list[int]:
         """A save failed for lack of space: delete what the policy would prune once it commits.
@@ -358,6 +413,10 @@ class CheckpointManager:
             else:
                 self.root.remove(step_dir(step), name)
                 removed.append(f"{step_dir(step)}/{name}")
+        infos = self.list() if infos is None else infos
+        for name in self.shared.garbage([i.manifest for i in infos], self.shared.listing()):
+            self.shared.remove(name)  # referenced by no manifest left in the run
+            removed.append(f"{SHARED_DIR}/{name}")
         return removed
 
     def delete(self, step: int) -> None:

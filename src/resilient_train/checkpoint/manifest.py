@@ -19,14 +19,18 @@ _BOUNCE = 1 << 20
 
 FORMAT_NAME = "resilient_train.checkpoint"
 # 2: data files carry their save attempt's token (`path` in each file record); write-once commit.
-# Version 1 checkpoints (files under their logical names, no `path`) are still read.
-FORMAT_VERSION = 2
+# 3: tensors that did not change are stored once per run in `checkpoints/shared/` under
+#    content-derived names, listed in the manifest's `shared` section (see shared.py).
+# Versions 1 and 2 (no `shared`; version 1 files under their logical names) are still read.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20  # a record is ~120 bytes: room for a hundred thousand ranks
 _MAX_MANIFEST_DEPTH = 16  # what we write nests 4 deep
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 # a file name inside a step folder: a plain basename, no separators, no `..`, no leading dot
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+# a shared file: 32 hex digits derived from its content (shared.py)
+SHARED_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")
 _HEX = {"crc32c": re.compile(r"[0-9a-f]{8}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 
 try:
@@ -125,6 +129,7 @@ def decode_manifest(data: bytes) -> dict[str, Any]:
         if key in manifest and not check(manifest[key]):
             raise CheckpointError(f"manifest.json: '{key}' is not {_WHAT[key]}; the manifest is corrupt or not ours")
     _check_files(manifest["files"])
+    _check_shared(manifest.get("shared", {}))
     return manifest
 
 
@@ -142,19 +147,34 @@ def _check_files(files: dict[str, Any]) -> None:
         shown = logical[:80]
         if not FILE_NAME.fullmatch(logical) or logical == MANIFEST:
             raise CheckpointError(f"manifest.json: file name {shown!r} is not a plain file name; the manifest is corrupt or not ours")
-        if not isinstance(record, dict):
-            raise CheckpointError(f"manifest.json: the record of {shown} is {describe(record)}, not an object")
-        if not _is_count(record.get("bytes")):
-            raise CheckpointError(f"manifest.json: the record of {shown} has no valid byte count")
-        sums = [kind for kind in _HEX if kind in record]
-        if not sums or any(not (isinstance(record[k], str) and _HEX[k].fullmatch(record[k])) for k in sums):
-            raise CheckpointError(f"manifest.json: the record of {shown} has no valid crc32c or sha256")
+        _check_record(shown, record)
         path = record.get("path", logical)
         if not isinstance(path, str) or not FILE_NAME.fullmatch(path) or path == MANIFEST:
             raise CheckpointError(f"manifest.json: the path of {shown} is not a plain file name in its step folder")
         if path in physical:
             raise CheckpointError(f"manifest.json: two files share the path {path}")
         physical.add(path)
+
+
+def _check_record(shown: str, record: Any) -> None:
+    if not isinstance(record, dict):
+        raise CheckpointError(f"manifest.json: the record of {shown} is {describe(record)}, not an object")
+    if not _is_count(record.get("bytes")):
+        raise CheckpointError(f"manifest.json: the record of {shown} has no valid byte count")
+    sums = [kind for kind in _HEX if kind in record]
+    if not sums or any(not (isinstance(record[k], str) and _HEX[k].fullmatch(record[k])) for k in sums):
+        raise CheckpointError(f"manifest.json: the record of {shown} has no valid crc32c or sha256")
+
+
+def _check_shared(shared: Any) -> None:
+    """The `shared` section: content-named files in `checkpoints/shared/`, each with size and checksum."""
+    if not isinstance(shared, dict):
+        raise CheckpointError(f"manifest.json: 'shared' is {describe(shared)}, not an object; the manifest is corrupt or not ours")
+    for name, record in shared.items():
+        if not isinstance(name, str) or not SHARED_NAME.fullmatch(name):
+            raise CheckpointError(f"manifest.json: shared file name {str(name)[:80]!r} is not one we write; "
+                                  "the manifest is corrupt or not ours")
+        _check_record(f"shared/{name}", record)
 
 
 def _is_count(value: Any) -> bool:

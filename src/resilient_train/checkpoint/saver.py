@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from resilient_train.checkpoint import format as fmt
 from resilient_train.checkpoint.collective import Collective
+from resilient_train.checkpoint.frozen import FrozenPlanner
 from resilient_train.checkpoint.lease import FencedError, Lease
 from resilient_train.checkpoint.manager import CheckpointManager
 from resilient_train.checkpoint.mirror import Mirror
@@ -71,6 +72,7 @@ class CheckpointSaver:
         self.auto = AutoAsync(verbose=self.rank == 0) if self.async_mode is AsyncMode.AUTO else None
         self.writer = BackgroundWriter()
         self.buffers = fmt.HostBuffers()
+        self.frozen = FrozenPlanner()  # what did not change since the last save goes to shared files once
         self.last_path: Optional[str] = last_path  # the newest committed checkpoint (the resumed one at first)
         self.last_outcome: Optional[SaveOutcome] = None
         self.failures = 0
@@ -113,7 +115,7 @@ class CheckpointSaver:
         started = time.monotonic()
         snapshot = capture()
         progress = snapshot.train["progress"]
-        files = fmt.encode_files(snapshot, self.rank, shared=self.rank == 0)
+        files = fmt.encode_files(snapshot, self.rank, shared=self.rank == 0, planner=self.frozen)
         meta = {
             **self.meta,
             "epoch": progress["epoch"],
@@ -125,7 +127,7 @@ class CheckpointSaver:
 
         def run() -> SaveOutcome:
             began = time.monotonic()
-            outcome = self.protocol.run(step, files.serialize, meta)
+            outcome = self.protocol.run(step, lambda: files.serialize(self.manager.shared), meta)
             self.slowest_save = max(self.slowest_save or 0.0, time.monotonic() - began)
             return outcome
 

@@ -19,7 +19,7 @@ class CheckpointStore(Protocol):
 
     def list(self) -> list[CheckpointInfo]: ...
 
-    def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None) -> LoadedCheckpoint: ...
+    def load(self, info: CheckpointInfo, wanted: Optional[set[str]] = None, shared: bool = True) -> LoadedCheckpoint: ...
 
 
 def load_newest_valid(
@@ -27,13 +27,15 @@ def load_newest_valid(
     wanted: Optional[set[str]] = None,
     decode: Optional[Callable[[LoadedCheckpoint], Any]] = None,
     on_skip: Optional[Callable[[CheckpointInfo, str], None]] = None,
+    shared: bool = True,
 ) -> Optional[tuple[int, LoadedCheckpoint, Any]]:
     """Across several storages (run folder, mirror), the newest checkpoint that verifies and decodes.
 
     Returns (index of the manager it came from, the loaded checkpoint, `decode(loaded)`); ties go
     to the first manager. Whatever is wrong with a checkpoint (a missing file, a bad checksum,
     contents that verify but do not decode, hostile JSON) skips that checkpoint alone, reported in
-    one line; resume then falls back to the next older one.
+    one line; resume then falls back to the next older one. With `shared` False the shared files
+    are left for `decode` to read if it needs them (LoadedCheckpoint.read_shared).
     """
     candidates = sorted(
         ((info, index) for index, manager in enumerate(managers) for info in manager.list()),
@@ -46,7 +48,7 @@ def load_newest_valid(
             log.warning("skipping checkpoint %s: %s (%s)", info.path, info.status, info.reason)
             continue
         try:
-            loaded = managers[index].load(info, wanted)
+            loaded = managers[index].load(info, wanted, shared=shared)
         except CheckpointError as exc:
             _skip(info, str(exc), on_skip)
             continue

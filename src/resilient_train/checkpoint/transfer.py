@@ -31,6 +31,7 @@ from resilient_train.checkpoint.manager import (
     stored_name,
 )
 from resilient_train.checkpoint.manifest import check_file, step_dir
+from resilient_train.checkpoint.shared import SHARED_DIR, logical
 from resilient_train.errors import CheckpointError, UsageError
 from resilient_train.storage import Storage
 
@@ -60,7 +61,9 @@ def verify_remote_file(storage: Storage, folder: str, name: str, record: dict, d
 def _content(info: CheckpointInfo) -> dict[str, Any]:
     """A checkpoint's identity: its logical files' sizes and checksums (not where they are stored)."""
     files = (info.manifest or {}).get("files", {})
-    return {name: {k: v for k, v in record.items() if k != "path"} for name, record in files.items()}
+    content = {name: {k: v for k, v in record.items() if k != "path"} for name, record in files.items()}
+    content.update({logical(name): record for name, record in (info.manifest or {}).get("shared", {}).items()})
+    return content
 
 
 def same_checkpoint(a: CheckpointInfo, b: CheckpointInfo) -> bool:
@@ -102,7 +105,10 @@ def copy_checkpoint(src: CheckpointManager, dst: CheckpointManager, info: Checkp
             records[name] = {**{k: v for k, v in record.items() if k != "path"}, "path": target}
             total += len(data)
             on_bytes(len(data))
-        meta = {k: v for k, v in info.manifest.items() if k not in ("files", "step", "format", "format_version")}
+        shared = _copy_shared(src, dst, info, on_bytes)
+        total += sum(shared.values())
+        records.update({logical(name): info.manifest["shared"][name] for name in shared})
+        meta = {k: v for k, v in info.manifest.items() if k not in ("files", "shared", "step", "format", "format_version")}
         try:
             committed = dst.commit(info.step, records, meta)
         except FileExistsError:
@@ -113,6 +119,38 @@ def copy_checkpoint(src: CheckpointManager, dst: CheckpointManager, info: Checkp
         _remove_quietly(dst, folder, written)
         raise
     return total
+
+
+def _copy_shared(src: CheckpointManager, dst: CheckpointManager, info: CheckpointInfo,
+                 on_bytes: Callable[[int], None]) -> dict[str, int]:
+    """The shared files `info` references, at DST: each copied once per run (a file DST holds
+    intact is not copied again); {name: bytes copied}. They are never removed on failure: another
+    checkpoint may reference them, and garbage collection takes the unreferenced ones."""
+    needed = (info.manifest or {}).get("shared", {})
+    listing = dst.shared.listing() if needed else {}
+    copied: dict[str, int] = {}
+    for name, record in needed.items():
+        if dst.shared.mismatch(name, record, listing.get(name, {})) is None:
+            copied[name] = 0
+            continue
+        local = src.root.local_path(SHARED_DIR, name)
+        if local is not None and os.path.islink(local):
+            raise CheckpointError(f"source shared file {name} is a symlink; only regular files are copied")
+        try:
+            data = src.shared.read(name, record)
+        except CheckpointError as exc:
+            missing = not src.root.exists(SHARED_DIR, name)
+            raise (SourceVanished(str(exc)) if missing else CheckpointError(f"source {info.path}: {exc}")) from None
+        placed = dst.shared.place(name, [bytes(data)], record, listing)
+        if placed is None:
+            raise CheckpointError(f"{dst.root.display(SHARED_DIR, name)} exists but is damaged; remove it and sync again")
+        if placed.written:
+            problem = verify_remote_file(dst.root, SHARED_DIR, name, record)
+            if problem:
+                raise CheckpointError(f"copy to {dst.root.display(SHARED_DIR)} did not verify: {problem}")
+        copied[name] = placed.written
+        on_bytes(placed.written)
+    return copied
 
 
 def _read_source(src: CheckpointManager, info: CheckpointInfo, name: str, record: dict) -> bytes:

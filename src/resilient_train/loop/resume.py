@@ -75,8 +75,9 @@ def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Trainin
     if found is not None:
         _, loaded, snapshot = found
     else:
-        loaded = managers[index].load(managers[index].info(step), wanted)
+        loaded = managers[index].load(managers[index].info(step), wanted, shared=False)
         snapshot = loaded.snapshot(rank)
+        state_lib.resolve_shared(snapshot, parts.model, loaded)
     progress, problems = state_lib.restore(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
     for problem in problems:
         log.warning("rank %d: %s", rank, problem)
@@ -106,6 +107,7 @@ def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Traini
         """Decode and check against the live objects: one that does not fit is skipped too."""
         snapshot = loaded.snapshot(rank)
         try:
+            state_lib.resolve_shared(snapshot, parts.model, loaded)
             state_lib.check(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
             if snapshot.data is not None:  # a garbled data position: this checkpoint is skipped too
                 check_position(snapshot.data)
@@ -117,7 +119,7 @@ def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Traini
     choice: Any = None
     found = None
     if rank == 0:
-        found = load_newest_valid(list(managers), wanted, decode=decode)
+        found = load_newest_valid(list(managers), wanted, decode=decode, shared=False)
         if found is not None:
             choice = (found[0], found[1].info.step)
         elif misfits:  # the model changed, not the checkpoints: never silently start over

@@ -186,6 +186,26 @@ class Storage:
         self._retry(create, f"creating {path}")
         self.fs.invalidate_cache(posixpath.dirname(path))
 
+    def create_new(self, data: bytes, *parts: str) -> bool:
+        """Create a file only if it does not exist; False when it does (nothing is written then).
+
+        For content-named files (checkpoint/shared.py): a name that exists was made from the same
+        content, so the caller checks its size and checksum instead of reading it back. Exclusive
+        the same way as `create_exclusive`.
+        """
+        path = self.path(*parts)
+
+        def create() -> bool:
+            try:
+                self.backend.create(path, data)
+            except FileExistsError:
+                return False
+            return True
+
+        created = self._retry(create, f"creating {path}")
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return created
+
     def remove(self, *parts: str, recursive: bool = False) -> None:
         path = self.path(*parts)
 

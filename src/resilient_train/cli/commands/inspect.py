@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("step", "epoch", "cursor", "samples_seen", "world_size", "precision", "config_hash", "created_at"):
         if key in ck:
             print(f"  {key}: {ck[key]}")
+    if "bytes" in ck:
+        print(f"  bytes: {ck['bytes']} written by this checkpoint, {ck.get('shared_bytes', 0)} in shared files it references")
     if ck.get("metrics"):
         print("  metrics: " + " ".join(f"{k}={v:.4g}" for k, v in ck["metrics"].items()))
     if ck.get("environment"):
@@ -59,7 +61,8 @@ def _gather(target: str) -> dict[str, Any]:
     chosen = info or next((i for i in reversed(infos) if i.status == COMMITTED), None)
     report["checkpoints"] = [{"step": i.step, "status": i.status} for i in infos]
     if chosen is not None:
-        report["checkpoint"] = {"path": chosen.path, "status": chosen.status, "reason": chosen.reason, **(chosen.manifest or {})}
+        report["checkpoint"] = {"path": chosen.path, "status": chosen.status, "reason": chosen.reason, **(chosen.manifest or {}),
+                                "bytes": chosen.bytes, "shared_bytes": chosen.shared_bytes}
     return report
 
 

@@ -10,7 +10,9 @@ NAME = "ls"
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(NAME, parents=[common], help="list a run's checkpoints",
-                       description="List RUN's checkpoints: step, status (committed / incomplete / corrupt), size, time, metrics.")
+                       description="List RUN's checkpoints: step, status (committed / incomplete / corrupt), size, time, metrics. "
+                                   "SIZE is what each checkpoint wrote; tensors that did not change are stored once per run "
+                                   "(checkpoints/shared/) and summed on the last line.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
 
@@ -31,4 +33,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in info.metrics.items() if isinstance(v, (int, float)))
         extra = metrics if info.status == COMMITTED else (info.reason or "")
         print(f"{info.step:>10}  {info.status:<10}  {size(info.bytes):>10}  {info.created_at or '-':<20}  {extra}")
+    shared = {name: record.get("bytes", 0) for info in infos for name, record in (info.manifest or {}).get("shared", {}).items()}
+    if shared:  # SIZE above is what each checkpoint wrote; what did not change is stored once, here
+        print(f"shared: {len(shared)} file(s), {size(sum(shared.values()))}, stored once and referenced by the checkpoints above")
     return 0

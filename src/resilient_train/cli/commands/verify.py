@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 NAME = "verify"
 
@@ -23,11 +24,12 @@ def run(args: argparse.Namespace) -> int:
     if not infos:
         raise NotFoundError(f"no checkpoints in '{args.target}'")
     broken: list[str] = []
+    seen: dict[str, Optional[str]] = {}  # shared files: each is read once, whatever references it
     for item in infos:
         if item.status == "incomplete" and info is None:
             print(f"step {item.step}: incomplete, not verified ({item.reason})")
             continue
-        problems = manager.verify(item)
+        problems = manager.verify(item, seen)
         print(f"step {item.step}: " + ("ok" if not problems else "BROKEN"))
         for problem in problems:
             print(f"  {problem}")

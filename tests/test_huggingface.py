@@ -8,6 +8,8 @@ written into a temporary folder, as a user's task file would be.
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import sys
@@ -162,6 +164,28 @@ def test_batch_encoding_training_killed_and_resumed_equals_the_uninterrupted_run
     straight = _weights(straight_run, tmp_path)
     assert any("transformer.h.1.attn" in k for k in straight)  # the HF key names, no wrapper prefixes
     _assert_same(_weights(run_dir, tmp_path), straight)
+
+
+@pytest.mark.slow
+def test_a_peft_lora_run_killed_and_resumed_is_bit_identical_and_stores_the_frozen_base_once(
+        hf_task: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    straight_dir, run_dir, marker = tmp_path / "straight", tmp_path / "run", tmp_path / "killed"
+    run_cli_inprocess("run", str(hf_task), "--run-dir", str(straight_dir), "task.peft=true", check=True)
+    proc = start_cli("run", str(hf_task), "--run-dir", str(run_dir), "task.peft=true", "task.kill_at=9", f"task.kill_marker={marker}")
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL and committed_steps_on_disk(run_dir) == [3, 6]
+    run_cli("resume", str(run_dir), check=True)
+    _assert_same(_weights(run_dir, tmp_path), _weights(straight_dir, tmp_path))
+    listed = json.loads(run_cli_inprocess("ls", str(run_dir), "--json", check=True).stdout)
+    base = listed[-1]["shared_bytes"]
+    lora = {k: v for k, v in _weights(run_dir, tmp_path).items() if ".lora_" in k}
+    adapter_bytes = sum(v.numel() * v.element_size() for v in lora.values())
+    assert base > 20 * adapter_bytes, (base, adapter_bytes)  # the frozen GPT-2 base: referenced, not rewritten
+    # a checkpoint after the first holds the adapter, its AdamW moments, RNG states and metadata (~30 KB), not the base
+    assert all(entry["bytes"] < 3 * adapter_bytes + 40_000 for entry in listed), [(e["step"], e["bytes"], base) for e in listed]
+    shared = sorted((run_dir / "checkpoints" / "shared").iterdir())
+    assert sum(p.stat().st_size for p in shared) < 1.5 * base  # each base tensor stored once across both sessions
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------

@@ -8,8 +8,10 @@ Used by `sync` and by the background mirror. The rules (design guide, section 4)
 - A step that disappears at SRC during the copy (SRC is a live run pruning) is skipped and the
   copy's own files are removed; nothing else at DST is touched.
 - Only regular files travel: a symlink is never followed (it could point anywhere on SRC's disk).
-- Run files (`run.yaml`, `sessions.json`, the task snapshot, logs) are replaced at DST only when
-  DST has not moved past SRC; two different runs (their run ids differ) are never merged.
+- Run files (`run.yaml`, the task snapshot, logs) are replaced at DST only when DST has not moved
+  past SRC; two different runs (their run ids differ) are never merged. The history
+  (`sessions.json`, `logs/metrics.csv`) is merged, never replaced (run_history.py): DST keeps
+  every session record and logged row it had, so no copy ever shortens another's history.
 
 This module imports no torch.
 """
@@ -33,6 +35,7 @@ from resilient_train.checkpoint.manager import (
 from resilient_train.checkpoint.manifest import check_file, step_dir
 from resilient_train.checkpoint.shared import SHARED_DIR, logical
 from resilient_train.errors import CheckpointError, UsageError
+from resilient_train.run_history import HISTORY_FILES, copy_history
 from resilient_train.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -246,7 +249,10 @@ class RunFileCopier:
         if self.seen.get(rel) == key:
             return 0
         parts = rel.split("/")
-        self.dst.write_bytes(self.src.read_bytes(*parts), *parts)
+        if rel in HISTORY_FILES:  # merged, never replaced: DST may hold steps and sessions SRC lacks
+            copy_history(self.src, self.dst, rel)
+        else:
+            self.dst.write_bytes(self.src.read_bytes(*parts), *parts)
         self.seen[rel] = key
         return 1
 

@@ -54,6 +54,7 @@ class Resumed:
     data: Any = None  # this rank's position in an iterable train_data
     metrics: dict[str, Any] = field(default_factory=dict)  # loss and val_loss the checkpoint recorded
     assessment: Optional[ResumeAssessment] = None
+    manager: int = 0  # which of the managers the checkpoint came from (0: the run folder, 1: its mirror)
 
 
 def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: TrainingParts, layout: RunLayout, max_steps: int,
@@ -94,7 +95,8 @@ def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Trainin
     layout = layout.with_order(resumed_order(loaded.manifest.get("order"), layout.order))
     assessment = _assess(fabric, loaded.manifest, layout, precision, changes)
     return Resumed(progress=progress, step=step, path=loaded.info.path, layout=layout, data=snapshot.data,
-                   metrics=dict(recorded) if isinstance(recorded, dict) else {}, assessment=assessment)
+                   metrics=dict(recorded) if isinstance(recorded, dict) else {}, assessment=assessment,
+                   manager=index)
 
 
 def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: TrainingParts,

@@ -34,6 +34,7 @@ from resilient_train.loop.step import ForwardBackward
 from resilient_train.microbatch import MicroBatchFit
 from resilient_train.preemption import StopRequest
 from resilient_train.run_folder import RunFolder
+from resilient_train.run_history import adopt
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -177,6 +178,8 @@ def _record_and_saver(setup: Setup, layout: RunLayout, resumed: Resumed, identit
     if rank == 0:
         folder = RunFolder(setup.run)
         lease = Lease.acquire(setup.run)
+        if resumed.manager and resumed.step is not None:  # resumed from the mirror's checkpoint: its history too
+            adopt(setup.run, managers[resumed.manager].run, resumed.step)
         number = folder.start_session(resumed.progress.step, {
             "incarnation": lease.incarnation, "world_size": fabric.world_size,
             "precision": identity.precision, "environment": environment,

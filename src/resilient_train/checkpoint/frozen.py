@@ -14,8 +14,10 @@ stored in the checkpoint; once it stays unchanged from one save to the next it i
 A shared file's name is derived from its bytes: the crc32c the manifest records anyway, the size,
 and a sha256 of evenly spaced samples of the data (a change that keeps the crc32c and every
 sample is not a change an accident makes), so the same tensors always get the same name, across
-sessions and machines, and an existing file of that name is the same content. Tensors of at least
-`SMALL_BYTES` get a file each; the smaller ones share a bucket file (one for frozen parameters, one for buffers). Names are computed where
+sessions and machines, and an existing file of that name is the same content. Frozen parameters
+are spread over ceil(total / `GROUP_BYTES`) files by a hash of their key (a few large files, as
+Drive and GCS like them, whose membership does not move when one tensor changes); buffers share
+one file of their own. Names are computed where
 the bytes are serialised (in the background for an async save) and cached while the tensors'
 versions stay the same, so a save after the first hashes nothing it stored before.
 """
@@ -32,7 +34,7 @@ from resilient_train.checkpoint import tensorfile
 from resilient_train.checkpoint.manifest import file_record
 from resilient_train.checkpoint.shared import Placed, SharedFiles
 
-SMALL_BYTES = 1 << 20  # tensors below this share one bucket file per save
+GROUP_BYTES = 256 << 20  # frozen parameters are spread over ceil(total / this) files
 _SAMPLES, _SAMPLE_BYTES = 256, 64
 
 Version = tuple[int, int]  # (storage pointer, in-place version counter) of a live tensor
@@ -103,8 +105,9 @@ class FrozenPlanner:
         if info is None:
             return dict(tensors), []
         local: dict[str, torch.Tensor] = {}
-        small: dict[bool, dict[str, torch.Tensor]] = {True: {}, False: {}}  # frozen parameters, buffers
-        groups: list[SharedGroup] = []
+        frozen = [key for key in tensors if key in info.parameters and key not in info.trainable]
+        bins = max(1, -(-sum(_nbytes(tensors[key]) for key in frozen) // GROUP_BYTES))
+        members: dict[int, dict[str, torch.Tensor]] = {}
         stamps: dict[str, Stamp] = {}
         for key, t in tensors.items():
             if key in info.trainable or key not in info.versions or t.numel() == 0:
@@ -113,16 +116,11 @@ class FrozenPlanner:
             stamp = stamps[key] = info.versions[key] if key in info.parameters else buffer_stamp(t)
             if self._stamps.get(key, stamp) != stamp:  # changed since the previous save: stored here
                 local[key] = t
-            elif t.numel() * t.element_size() >= SMALL_BYTES:
-                groups.append(SharedGroup({key: t}, {key: t._version}, {key: stamp}))
-            else:
-                small[key in info.parameters][key] = t
-        # two buckets: frozen parameters stay put across sessions; buffers (BatchNorm statistics in
-        # train mode) may turn out to change, and must not take the parameters' bucket with them
-        for bucket in small.values():
-            if bucket:
-                groups.append(SharedGroup(bucket, {key: t._version for key, t in bucket.items()}, {key: stamps[key] for key in bucket}))
+            else:  # buffers apart (bin -1): they may turn out to change, and must not drag the base along
+                members.setdefault(_bin(key, bins) if key in info.parameters else -1, {})[key] = t
         self._stamps = stamps
+        groups = [SharedGroup(m, {key: t._version for key, t in m.items()}, {key: stamps[key] for key in m})
+                  for _, m in sorted(members.items())]
         return local, groups
 
     def place(self, group: SharedGroup, store: SharedFiles, listing: dict[str, dict]) -> Optional[Placed]:
@@ -141,6 +139,16 @@ class FrozenPlanner:
                 self._names.clear()
             self._names[group.key] = (name, record)
         return placed
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bin(key: str, bins: int) -> int:
+    """A frozen parameter's file among `bins`, from its key alone: membership stays the same from
+    save to save and session to session (a tensor that changes leaves only its own file)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") % bins
 
 
 def group_name(tensors: dict[str, torch.Tensor]) -> str:

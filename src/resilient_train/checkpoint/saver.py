@@ -72,7 +72,8 @@ class CheckpointSaver:
         self.auto = AutoAsync(verbose=self.rank == 0) if self.async_mode is AsyncMode.AUTO else None
         self.writer = BackgroundWriter()
         self.buffers = fmt.HostBuffers()
-        self.frozen = FrozenPlanner()  # what did not change since the last save goes to shared files once
+        # what did not change since the last save goes to shared files once (None: every tensor every time)
+        self.frozen = FrozenPlanner() if ck.share_unchanged else None
         self.last_path: Optional[str] = last_path  # the newest committed checkpoint (the resumed one at first)
         self.last_outcome: Optional[SaveOutcome] = None
         self.failures = 0

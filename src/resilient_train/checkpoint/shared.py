@@ -70,11 +70,11 @@ class SharedFiles:
     def place(self, name: str, chunks: Sequence[Buffer], record: dict[str, Any], listing: dict[str, dict]) -> Optional[Placed]:
         """Store one shared file unless an intact copy is there; None when a damaged file holds the name."""
         if name not in listing:
-            data = b"".join(bytes(c) if not isinstance(c, bytes) else c for c in chunks)
+            size = sum(len(c) for c in chunks)
             self.root.makedirs(SHARED_DIR)
-            if self.root.create_new(data, SHARED_DIR, name):
-                listing[name] = {"basename": name, "size": len(data)}
-                return Placed(name, record, len(data))
+            if self.root.create_new(list(chunks), SHARED_DIR, name):  # zero-copy on local disk
+                listing[name] = {"basename": name, "size": size}
+                return Placed(name, record, size)
             listing.update(self.listing())  # another writer made it meanwhile: look at theirs
         problem = self.mismatch(name, record, listing.get(name, {}))
         if problem is None:

@@ -120,6 +120,9 @@ class CheckpointConfig:
     session_budget: str = "auto"  # e.g. 11h30m: save and exit 75 before it runs out; auto = Colab's limit on Colab
     # signals that mean "save and exit 75": SLURM's `--signal=USR1@300` needs SIGUSR1 here
     stop_signals: Any = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # a list, or one name
+    # tensors that did not change since the last save (a frozen base) are stored once per run in
+    # checkpoints/shared/; false stores every tensor in every checkpoint, as before format 3
+    share_unchanged: bool = True
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps)

@@ -37,8 +37,8 @@ class Backend(Protocol):
     def read_buffer(self, path: str) -> bytearray:
         """A file's contents as a writable buffer."""
 
-    def create(self, path: str, data: bytes) -> None:
-        """Write `data` to `path` only if it does not exist; FileExistsError when it does."""
+    def create(self, path: str, data: Union[bytes, Sequence[Buffer]]) -> None:
+        """Write `data` (bytes, or chunks in order) to `path` only if it does not exist; FileExistsError when it does."""
 
     def stored_checksum(self, entry: Mapping[str, Any]) -> Optional[str]:
         """The store's crc32c (8 hex digits) in a listing or info entry; None where it keeps none."""

@@ -186,7 +186,7 @@ class Storage:
         self._retry(create, f"creating {path}")
         self.fs.invalidate_cache(posixpath.dirname(path))
 
-    def create_new(self, data: bytes, *parts: str) -> bool:
+    def create_new(self, data: Union[bytes, Sequence[Buffer]], *parts: str) -> bool:
         """Create a file only if it does not exist; False when it does (nothing is written then).
 
         For content-named files (checkpoint/shared.py): a name that exists was made from the same

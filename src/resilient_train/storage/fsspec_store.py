@@ -8,7 +8,7 @@ before the write; the window that leaves is documented per store in docs/storage
 from __future__ import annotations
 
 import posixpath
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from fsspec import AbstractFileSystem
 
@@ -33,9 +33,9 @@ class FsspecBackend:
     def read_buffer(self, path: str) -> bytearray:
         return bytearray(self.fs.cat_file(path))
 
-    def create(self, path: str, data: bytes) -> None:
+    def create(self, path: str, data: Union[bytes, Sequence[Buffer]]) -> None:
         refuse_existing(self.fs, path)
-        self.fs.pipe_file(path, data)
+        self.fs.pipe_file(path, data if isinstance(data, bytes) else join(data))
 
     def stored_checksum(self, entry: Mapping[str, Any]) -> Optional[str]:
         return None

@@ -12,7 +12,7 @@ after `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` is set (design guide, section 5)
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from fsspec import AbstractFileSystem
 
@@ -38,9 +38,9 @@ class GcsBackend:
     def read_buffer(self, path: str) -> bytearray:
         return bytearray(self.fs.cat_file(path))
 
-    def create(self, path: str, data: bytes) -> None:
+    def create(self, path: str, data: Union[bytes, Sequence[Buffer]]) -> None:
         refuse_existing(self.fs, path)  # the emulator ignores preconditions; GCS does not
-        self.fs.pipe_file(path, data, mode="create")
+        self.fs.pipe_file(path, data if isinstance(data, bytes) else join(data), mode="create")
 
     def stored_checksum(self, entry: Mapping[str, Any]) -> Optional[str]:
         return crc32c_hex(entry.get("crc32c"))

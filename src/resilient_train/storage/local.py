@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from fsspec import AbstractFileSystem
 
@@ -49,8 +49,8 @@ class LocalBackend:
                 done += n
             return buffer
 
-    def create(self, path: str, data: bytes) -> None:
-        _create_local(path, data)
+    def create(self, path: str, data: Union[bytes, Sequence[Buffer]]) -> None:
+        _create_local(path, [data] if isinstance(data, bytes) else data)
 
     def stored_checksum(self, entry: Mapping[str, Any]) -> Optional[str]:
         return None
@@ -82,14 +82,15 @@ def _write_local(path: str, chunks: Sequence[Buffer]) -> None:
     _fsync_dir(folder)
 
 
-def _create_local(path: str, data: bytes) -> None:
+def _create_local(path: str, chunks: Sequence[Buffer]) -> None:
     """Exclusive create with complete contents: fsynced temp file, then `os.link` to the name."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -101,7 +102,8 @@ def _create_local(path: str, data: bytes) -> None:
                 raise
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
     finally:

@@ -53,3 +53,65 @@ def test_sync_force_never_shortens_the_destinations_history(tmp_path: Path) -> N
     run_cli_inprocess("sync", str(primary), str(copy), "--force", check=True)
     assert set(range(5, 21, 5)) <= _logged_steps(copy)
     assert [r["session"] for r in _sessions(copy)] == [1, 2]
+
+
+# -- item 2: a data position the source cannot take ------------------------------------------------
+STREAM_TASK = str(Path(__file__).resolve().parent / "tasks" / "stream.py")
+
+
+def _text_data(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text("".join(f"f{i} line {j} alpha beta\n" for j in range(25)))
+    return folder
+
+
+def _tamper_position(checkpoint: Path, change) -> None:
+    """Rewrite rank 0's data position and fix its record in the manifest (checksums pass)."""
+    from resilient_train.checkpoint.manifest import file_record
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    record = manifest["files"]["data-rank00000.json"]
+    path = checkpoint / record["path"]
+    raw = json.dumps(change(json.loads(path.read_text()))).encode()
+    path.write_bytes(raw)
+    manifest["files"]["data-rank00000.json"] = {**file_record(raw), "path": record["path"]}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_everywhere(value_of, key: str):
+    """A change that sets every `key` in a nested JSON value to value_of(old)."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (value_of(v) if k == key else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("key,value", [("shard_example_idx", lambda v: str(v)), ("shard_idx", lambda v: 99),
+                                       ("shard_example_idx", lambda v: -3)], ids=["string", "shard-99", "negative"])
+def test_a_data_position_the_source_cannot_take_falls_back_to_the_older_checkpoint(tmp_path: Path, key, value) -> None:
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("HF_DATASETS_OFFLINE", "1")
+    monkey.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    try:
+        data, run = _text_data(tmp_path / "data"), tmp_path / "run"
+        args = [f"task.data_dir={data}", "task.source=to_iterable", "checkpoint.every_n_steps=4", "checkpoint.keep_last=3"]
+        run_cli_inprocess("run", STREAM_TASK, "--run-dir", str(run), *args, "trainer.max_steps=8", check=True)
+        newest = run / "checkpoints" / "step-000000008"
+        before = (newest / "manifest.json").read_text()
+        _tamper_position(newest, _set_everywhere(value, key))
+        assert (newest / "manifest.json").read_text() != before and key in json.dumps(
+            json.loads(next(newest.glob("data-rank00000.*.json")).read_text()))
+        assert run_cli_inprocess("verify", str(run)).returncode == 0  # the checksums pass
+        resumed = run_cli_inprocess("resume", str(run), "trainer.max_steps=12")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "(step 4," in resumed.stderr, resumed.stderr[-3000:]  # the older checkpoint was used
+        assert "step-000000008" in resumed.stderr  # and the skipped one named
+    finally:
+        monkey.undo()

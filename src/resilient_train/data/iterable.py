@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
+from resilient_train.data.hf_position import check_source_state, source_shards
 from resilient_train.data.kinds import has_state, is_hf_iterable, is_stateful_loader
 from resilient_train.data.order import ITERABLE
 from resilient_train.data.seeding import batch_seed, seeded, worker_settings
@@ -190,6 +191,11 @@ class IterableStream:
     def by_state(self) -> bool:
         return self.source is not None
 
+    @property
+    def shards(self) -> Optional[int]:
+        """How many shards the source reads (a datasets.IterableDataset's), for `check_position`."""
+        return source_shards(self.source)
+
     def layout(self) -> dict[str, Any]:
         """What a checkpoint records: an iterable's order, and how its position is found again."""
         return {"order": ITERABLE, "drop_last": self.drop_last, "data_position": BY_STATE if self.by_state else BY_SKIPPING,
@@ -252,7 +258,7 @@ class IterableStream:
 
     def load_state_dict(self, state: Any) -> None:
         """Continue after the batches an entry of `state_dict` says were returned."""
-        check_position(state)
+        check_position(state, self.shards)
         epoch, batches, cursor = state["epoch"], state["batches"], state["cursor"]
         self.epoch, self.batches, self.cursor = int(epoch), int(batches), int(cursor)
         if state.get("epoch_ended"):
@@ -345,7 +351,7 @@ class IterableStream:
 _MAX_EPOCH, _MAX_COUNT = 2**31, 2**53  # beyond these a counter is garbage, not a position
 
 
-def check_position(state: Any) -> None:
+def check_position(state: Any, shards: Optional[int] = None) -> None:
     """CheckpointError (one line) unless `state` is a data position this version reads.
 
     Called while the trainer picks the checkpoint to resume (`Trainer._resume`), so a position
@@ -364,8 +370,10 @@ def check_position(state: Any) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
             raise CheckpointError(f"the checkpoint's data position has {key}={str(value)[:40]!r}, not a plausible count; "
                                   "the checkpoint is corrupt or not ours")
-    # the source's own state is the source's to judge: a state it cannot take fails in `_start`,
-    # as one CheckpointError line
+    # the counters of a datasets.IterableDataset's state (`shards`: how many it reads) are checked
+    # here; anything else in the source's state is the source's to judge: a state it cannot take
+    # fails in `_start`, as one CheckpointError line
+    check_source_state(state.get("source"), shards)
 
 
 def _batch_length(batch: Any) -> Optional[int]:

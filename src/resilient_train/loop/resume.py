@@ -18,6 +18,7 @@ from lightning_fabric import Fabric
 from resilient_train import state as state_lib
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
+from resilient_train.checkpoint.format import _decode_data as decode_data_position
 from resilient_train.checkpoint.info import LoadedCheckpoint
 from resilient_train.checkpoint.selection import load_newest_valid
 from resilient_train.config import ConfigChange
@@ -41,6 +42,7 @@ class TrainingParts:
     optimizer: Any
     scheduler: Any
     scaler: Any
+    data_shards: Optional[int] = None  # shards of a datasets.IterableDataset train_data (positions are checked against it)
 
 
 @dataclass
@@ -66,6 +68,8 @@ def resume(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Trainin
     """
     rank = fabric.global_rank
     wanted = {fmt.MODEL_FILE, fmt.STATE_TENSORS, fmt.STATE_JSON, *fmt.rank_files(rank)}
+    if rank == 0:  # rank 0 checks every rank's data position while it chooses (they are small)
+        wanted |= {name for r in range(fabric.world_size) for name in (fmt.data_file(r), fmt.data_tensors_file(r))}
     choice, found = _choose(fabric, managers, parts, wanted)
     if choice is None:
         return Resumed(layout=layout)
@@ -111,8 +115,7 @@ def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Traini
         try:
             state_lib.resolve_shared(snapshot, parts.model, loaded)
             state_lib.check(snapshot, parts.model, parts.optimizer, parts.scheduler, parts.scaler)
-            if snapshot.data is not None:  # a garbled data position: this checkpoint is skipped too
-                check_position(snapshot.data)
+            _check_positions(loaded, snapshot, fabric.world_size, parts.data_shards)
         except CheckpointError as exc:
             misfits.append(exc)
             raise
@@ -130,6 +133,17 @@ def _choose(fabric: Fabric, managers: Sequence[CheckpointManager], parts: Traini
     if choice is not None and choice[0] == "error":
         raise CheckpointError(choice[1])
     return (tuple(choice) if choice is not None else None), found
+
+
+def _check_positions(loaded: LoadedCheckpoint, snapshot: fmt.Snapshot, world_size: int, shards: Optional[int]) -> None:
+    """Every rank's data position must be one its source can take (a garbled one, checksums fixed
+    up, skips this checkpoint while it is chosen, not after: then an older one is used)."""
+    if snapshot.data is not None:
+        check_position(snapshot.data, shards)
+    for other in range(1, world_size):
+        position = decode_data_position(loaded.files, other)
+        if position is not None:
+            check_position(position, shards)
 
 
 def _assess(fabric: Fabric, manifest: dict[str, Any], layout: RunLayout, precision: Optional[str],

@@ -121,7 +121,8 @@ def build_setup(fabric: Fabric, cfg: RunConfig, inputs: FitInputs) -> Setup:
     chunking = parts_lib.micro_batch_fit(fabric, tcfg, source.batch_size, run)
     layout = RunLayout.of_source(source.layout(), source.batch_size, source.global_batch * micro_batches).with_chunking(
         chunking.size if chunking is not None and chunking.splits else None, chunking is not None and chunking.auto)
-    return Setup(fabric, cfg, TrainingParts(model, optimizer, scheduler, scaler), inputs.training_step or parts_lib.default_training_step,
+    parts = TrainingParts(model, optimizer, scheduler, scaler, getattr(source, "shards", None))
+    return Setup(fabric, cfg, parts, inputs.training_step or parts_lib.default_training_step,
                  source, val_loader, micro_batches, layout, chunking, run, _managers(fabric, cfg, run))
 
 

@@ -115,3 +115,47 @@ def test_a_data_position_the_source_cannot_take_falls_back_to_the_older_checkpoi
         assert "step-000000008" in resumed.stderr  # and the skipped one named
     finally:
         monkey.undo()
+
+
+# -- items 4 and 5: damaged tracker ids, a micro-batch record that is not a size ------------------
+@pytest.mark.slow
+def test_a_damaged_mlflow_id_warns_once_and_the_next_sessions_continue_a_new_run(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        run = tmp_path / "run"
+        tracking = ["logging.trackers=[mlflow]", f"logging.mlflow_tracking_uri=file://{tmp_path / 'mlruns'}"]
+        run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run), *SMALL, *tracking, "trainer.max_steps=5", check=True)
+        ids = run / "logs" / "trackers.json"
+        ids.write_text(json.dumps({**json.loads(ids.read_text()), "mlflow": {"run_id": 5}}))
+        second = run_cli_inprocess("resume", str(run), "trainer.max_steps=10", check=True)
+        assert "could not start" not in second.stderr and "mlflow record is damaged (run_id not a string)" in second.stderr
+        assert isinstance(json.loads(ids.read_text())["mlflow"]["run_id"], str)  # the new run's id replaced it
+        third = run_cli_inprocess("resume", str(run), "trainer.max_steps=15", check=True)
+        assert "record is damaged" not in third.stderr and "could not start" not in third.stderr, third.stderr[-2000:]
+    finally:
+        monkey.undo()
+
+
+def test_a_damaged_wandb_id_is_dropped_with_one_warning(tmp_path: Path, caplog) -> None:
+    from resilient_train.storage import Storage
+    from resilient_train.trackers.base import TrackerIds
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "trackers.json").write_text(json.dumps({"wandb": {"id": ["x"], "project": "p"},
+                                                                  "tensorboard": {"dir": "/x"}}))
+    ids = TrackerIds(Storage(str(tmp_path)))
+    assert ids.get("wandb") == {} and ids.get("tensorboard") == {"dir": "/x"}
+    assert "wandb record is damaged (id not a string)" in caplog.text
+
+
+def test_a_micro_batch_record_that_is_not_a_size_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "micro_batch.json").write_text(json.dumps({"cpu": True}))
+    proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run), *SMALL, "trainer.max_steps=5",
+                             "trainer.micro_batch_size=auto", check=True)
+    assert "micro-batch True" not in proc.stderr and "ignoring" in proc.stderr and "micro_batch.json" in proc.stderr
+    manifest = json.loads((run / "checkpoints" / "step-000000005" / "manifest.json").read_text())
+    assert manifest.get("device_micro_batch") is not True, manifest  # the whole batch of 8, in one chunk

@@ -156,14 +156,26 @@ class MicroBatchFit:
         except Exception as exc:  # noqa: BLE001 - a damaged record costs one retry, never the run
             log.warning("ignoring %s (%s: %s); the micro-batch is found again", self.run.display(RECORD), type(exc).__name__, exc)
             return {}
-        return value if isinstance(value, dict) else {}
+        if not isinstance(value, dict):
+            return {}
+        sizes = {key: size for key, size in value.items() if _is_size(size)}
+        if len(sizes) != len(value):  # `{"cpu": true}` is no size: it would chunk batches by True
+            wrong = ", ".join(sorted(str(key) for key in value if key not in sizes))
+            log.warning("ignoring %s's entries for %s (not a whole number of samples >= 1); the micro-batch is found again",
+                        self.run.display(RECORD), wrong)
+        return sizes
 
     def _remember(self) -> None:
         if self.run is None:
             return
-        records = {key: value for key, value in self._records().items() if isinstance(value, int)}
+        records = self._records()
         records[self.device] = self.size
         try:
             self.run.write_bytes(dumps_json(records), RECORD)
         except Exception as exc:  # noqa: BLE001 - the next session finds the size again
             log.warning("could not record the micro-batch in %s (%s: %s)", self.run.display(RECORD), type(exc).__name__, exc)
+
+
+def _is_size(value: Any) -> bool:
+    """A micro-batch size: an int of at least 1 (JSON's true is a bool, which Python calls an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -122,7 +122,17 @@ class TrackerIds:
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             log.warning("%s is damaged; trackers start new runs (written there again)", run.display(LOGS, TRACKERS_JSON))
             return
-        self.records = data
+        self.records = {name: record for name, record in data.items() if self._sound(name, record)}
+
+    def _sound(self, name: str, record: dict[str, Any]) -> bool:
+        """Every field a tracker records (run ids, projects, URIs, folders) is a string: a record
+        with another type (`{"run_id": 5}`) would fail the tracker in every later session, so it
+        is dropped with one warning and the tracker starts a new run, whose id replaces it."""
+        wrong = sorted(key for key, value in record.items() if not isinstance(value, str))
+        if wrong:
+            log.warning("%s: the %s record is damaged (%s not a string); %s starts a new run (recorded there again)",
+                        self.run.display(LOGS, TRACKERS_JSON), name, ", ".join(wrong), name)
+        return not wrong
 
     def get(self, name: str) -> dict[str, Any]:
         return dict(self.records.get(name) or {})

@@ -27,12 +27,14 @@ def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
-def test_two_process_ddp_run_interrupted_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
-    straight = run_cli("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *DDP)
+@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-layer"])
+def test_two_process_ddp_run_interrupted_and_resumed_matches_uninterrupted(tmp_path: Path, frozen: bool) -> None:
+    args = [*DDP, f"task.frozen={str(frozen).lower()}"]  # frozen: rank 0 stores the first layer once, in shared files
+    straight = run_cli("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *DDP)
+    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *args)
     wait_for(lambda: proc.poll() is not None or committed_steps_on_disk(run_dir))
     os.kill(proc.pid, signal.SIGTERM)  # only rank 0 gets it; the ranks agree to stop together
     _, err = proc.communicate(timeout=120)
@@ -43,6 +45,7 @@ def test_two_process_ddp_run_interrupted_and_resumed_matches_uninterrupted(tmp_p
     manifest = json.loads((run_dir / "checkpoints" / f"step-{stopped:09d}" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert {"rng-rank00000.json", "rng-rank00001.json"} <= set(manifest["files"])
+    assert bool(manifest.get("shared")) == frozen
 
     resumed = run_cli("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

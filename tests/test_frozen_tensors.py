@@ -238,3 +238,18 @@ def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path: Path) -> None
     manifest_path.write_text(json.dumps(manifest))
     loaded = CheckpointManager(Storage(run)).load_latest()
     assert loaded is not None and loaded.info.step == 4
+
+
+def test_a_run_synced_to_gcs_and_back_carries_each_shared_file_once_and_resumes(
+        straight: tuple[str, Any], gcs_url: str, tmp_path: Path) -> None:
+    _, want = straight
+    run = str(tmp_path / "run")
+    fit(run, 8)
+    assert run_cli("sync", run, gcs_url).returncode == 0
+    remote = CheckpointManager(Storage(gcs_url))
+    assert sorted(remote.shared.listing()) == shared_names(run)
+    assert all(i.status == COMMITTED and i.shared_problem is None for i in remote.list())
+    back = str(tmp_path / "back")
+    assert run_cli("sync", gcs_url, back).returncode == 0
+    assert shared_names(back) == shared_names(run)
+    assert_same_weights(fit(back, 12).state_dict(), want)

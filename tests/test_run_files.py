@@ -159,3 +159,29 @@ def test_a_micro_batch_record_that_is_not_a_size_is_ignored_with_a_warning(tmp_p
     assert "micro-batch True" not in proc.stderr and "ignoring" in proc.stderr and "micro_batch.json" in proc.stderr
     manifest = json.loads((run / "checkpoints" / "step-000000005" / "manifest.json").read_text())
     assert manifest.get("device_micro_batch") is not True, manifest  # the whole batch of 8, in one chunk
+
+
+# -- item 3: export through a symlink; a modified task snapshot -----------------------------------
+def _tiny_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run_cli_inprocess("run", TINY_TASK, "--run-dir", str(run), *SMALL, "trainer.max_steps=5", check=True)
+    return run
+
+
+@pytest.mark.parametrize("linked,name", [("task", "tiny.py"), ("logs", "metrics.csv")])
+def test_export_through_a_symlink_into_the_run_is_refused(tmp_path: Path, linked: str, name: str) -> None:
+    run = _tiny_run(tmp_path)
+    before = (run / linked / name).read_bytes()
+    (tmp_path / "link").symlink_to(run / linked)
+    proc = run_cli_inprocess("export", str(run), str(tmp_path / "link" / name))
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert "run's own files" in proc.stderr
+    assert (run / linked / name).read_bytes() == before
+
+
+def test_a_resume_refuses_a_modified_task_snapshot_in_one_line(tmp_path: Path) -> None:
+    run = _tiny_run(tmp_path)
+    (run / "task" / "tiny.py").write_bytes(b"not the task any more")
+    proc = run_cli_inprocess("resume", str(run), "trainer.max_steps=10")
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert "was modified" in proc.stderr and "restore it" in proc.stderr

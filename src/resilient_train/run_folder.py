@@ -42,6 +42,7 @@ from typing import Any, Optional, cast
 from resilient_train.checkpoint.manifest import MANIFEST
 from resilient_train.config import RunConfig, load_run_yaml, resolve
 from resilient_train.errors import NotFoundError, UsageError
+from resilient_train.run_integrity import check_snapshot, half_copied_snapshot, refuse_half_copy_without_run_yaml
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -115,6 +116,7 @@ class RunFolder:
 
     def read_config_layer(self) -> Any:
         if not self.has_run():
+            refuse_half_copy_without_run_yaml(self.storage)
             raise NotFoundError(f"no run at '{self.storage.url}' (no run.yaml); start one with `run TASK --run-dir {self.storage.url}`")
         return load_run_yaml(self.storage.read_text(RUN_YAML))
 
@@ -195,12 +197,16 @@ class RunFolder:
     def task_entry(self, local_dir: Optional[str] = None) -> str:
         """Path of the snapshotted task file, copied to `local_dir` first when the run is remote."""
         if not self.storage.exists(TASK_DIR, TASK_JSON):
+            if half_copied_snapshot(self.storage):
+                raise NotFoundError(f"run '{self.storage.url}' has task files but no task/task.json: a copy (sync or the "
+                                    f"mirror) into it was cut short; run `sync SRC {self.storage.url}` again")
             raise NotFoundError(f"run '{self.storage.url}' has no task snapshot (task/task.json): a script that calls "
                                 "Trainer made it; run the same script again (Trainer.fit resumes by itself)")
         meta = self.task_meta()
         if meta is None:
             raise NotFoundError(f"run '{self.storage.url}' has a damaged task snapshot (task/task.json); "
                                 f"run it with `run TASK --run-dir {self.storage.url}` instead")
+        check_snapshot(self.storage, meta)  # missing (a half copy) or modified: refused in one line
         local = self.storage.local_path(TASK_DIR, meta["entry"])
         if local is not None:
             return local
@@ -402,9 +408,19 @@ def refuse_run_owned_target(out: str) -> None:
     (`RUN/model.safetensors`, `RUN/hf/`) is fine.
 
     Walks from `out` up to the filesystem root looking for `manifest.json` (a checkpoint) and
-    `run.yaml` (a run), stopping at the first run: two `exists` calls per level.
+    `run.yaml` (a run), stopping at the first run: two `exists` calls per level. A local path is
+    walked as given and as its symlinks resolve (os.path.realpath): `link/task.py`, with `link`
+    pointing at `RUN/task`, writes into the run as surely as `RUN/task/task.py`.
     """
     target = Storage(out)
+    local = target.local_path()
+    if local is not None and os.path.realpath(local) != os.path.abspath(local):
+        _refuse_at(Storage(os.path.realpath(local)), out)
+    _refuse_at(target, out)
+
+
+def _refuse_at(target: Storage, out: str) -> None:
+    """refuse_run_owned_target's walk from `target`'s root (messages name `out`, as typed)."""
     current, below = target.root, cast(list[str], [])  # folder names from the target up to `current`
     shown = target.url_of
     while True:

@@ -64,17 +64,22 @@ def _temp_name(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _write_fsynced(path: str, chunks: Sequence[Buffer], flags: str = "wb") -> None:
+    """Write the chunks in order and fsync before returning."""
+    with open(path, flags) as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_local(path: str, chunks: Sequence[Buffer]) -> None:
     """Temp file in the same folder, fsync, `os.replace`, fsync the folder."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_fsynced(tmp, chunks)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -88,11 +93,7 @@ def _create_local(path: str, chunks: Sequence[Buffer]) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_fsynced(tmp, chunks)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -100,12 +101,8 @@ def _create_local(path: str, chunks: Sequence[Buffer]) -> None:
         except OSError as exc:  # a mount without hard links: exclusive create, then fill it
             if exc.errno not in _NO_LINKS:
                 raise
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # the name is ours now
+            _write_fsynced(path, chunks, "r+b")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -185,3 +185,34 @@ def test_a_resume_refuses_a_modified_task_snapshot_in_one_line(tmp_path: Path) -
     proc = run_cli_inprocess("resume", str(run), "trainer.max_steps=10")
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
     assert "was modified" in proc.stderr and "restore it" in proc.stderr
+
+
+# -- item 6: a copy is born whole; a half copy says to sync again ---------------------------------
+def test_sync_writes_the_task_snapshot_first_and_run_yaml_last(tmp_path: Path) -> None:
+    from resilient_train.checkpoint.transfer import copy_run_files
+    from resilient_train.storage import Storage
+
+    run = _tiny_run(tmp_path)
+    dst = Storage(str(tmp_path / "copy"))
+    order: list[str] = []
+    real = dst.write_bytes
+    dst.write_bytes = lambda data, *parts: (order.append("/".join(parts)), real(data, *parts))[1]  # type: ignore[method-assign]
+    copy_run_files(Storage(str(run)), dst)
+    assert order[-1] == "run.yaml", order
+    assert order.index("task/tiny.py") < order.index("task/task.json") < order.index("run.json"), order
+
+
+def test_a_half_copied_run_says_to_sync_again(tmp_path: Path) -> None:
+    import shutil
+
+    run = _tiny_run(tmp_path)
+    cases = {"no-run-yaml": lambda c: (c / "run.yaml").unlink(),
+             "no-task-json": lambda c: (c / "task" / "task.json").unlink(),
+             "no-task-file": lambda c: (c / "task" / "tiny.py").unlink()}
+    for label, cut in cases.items():
+        copy = tmp_path / label
+        shutil.copytree(run, copy)
+        cut(copy)
+        proc = run_cli_inprocess("resume", str(copy))
+        assert proc.returncode == 3 and len(error_lines(proc.stderr)) == 1, (label, proc.stderr)
+        assert "sync" in error_lines(proc.stderr)[0] and "again" in error_lines(proc.stderr)[0], (label, proc.stderr)

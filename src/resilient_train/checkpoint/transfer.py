@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("run.json", "run.yaml", "sessions.json")
 RUN_FOLDERS = ("task", "logs")
+RUN_YAML = "run.yaml"
+TASK_JSON = "task/task.json"
 RUN_ID_FILE = "run.json"
 
 
@@ -217,20 +219,28 @@ class RunFileCopier:
     seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def copy(self) -> int:
-        """run.json, run.yaml, sessions.json, the task snapshot and logs; files copied."""
-        count = 0
+        """The task snapshot (task.json last), run.json, sessions.json, logs, then run.yaml; files copied.
+
+        The order of a new run's birth (run_folder.py): `run.yaml` is a run's commit marker, so a
+        copy cut short at any moment is not mistaken for a whole run (resume says to sync again).
+        """
         top = {e["basename"]: e for e in self.src.list_dir()}
+        count = self._tree("task")
         for name in RUN_FILES:
             entry = top.get(name)
-            if entry is not None and entry.get("type") == "file":
+            if name != RUN_YAML and entry is not None and entry.get("type") == "file":
                 count += self._copy(name, entry)
-        for folder in RUN_FOLDERS:
-            count += self._tree(folder)
+        count += sum(self._tree(folder) for folder in RUN_FOLDERS if folder != "task")
+        entry = top.get(RUN_YAML)
+        if entry is not None and entry.get("type") == "file":
+            count += self._copy(RUN_YAML, entry)
         return count
 
     def _tree(self, folder: str) -> int:
         count = 0
-        for entry in self.src.list_dir(*folder.split("/")):
+        entries = sorted(self.src.list_dir(*folder.split("/")),
+                         key=lambda e: f"{folder}/{e['basename']}" == TASK_JSON)  # task.json after the files it names
+        for entry in entries:
             rel = f"{folder}/{entry['basename']}"
             if entry.get("islink"):
                 log.warning("not copying %s: it is a symlink (only regular files are copied)", self.src.display(rel))

@@ -292,10 +292,10 @@ def decode(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Snapshot:
     model = _decode_model(files, meta, unresolved)
     aliases = meta.get("model_aliases", {})
     pending = {key: target for key, target in aliases.items() if target in unresolved}
-    return Snapshot(model=model, train=train, rng=rng, data=_decode_data(files, rank), unresolved=unresolved, pending_aliases=pending)
+    return Snapshot(model=model, train=train, rng=rng, data=decode_data(files, rank), unresolved=unresolved, pending_aliases=pending)
 
 
-def _decode_data(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Optional[dict[str, Any]]:
+def decode_data(files: Mapping[str, Union[bytes, bytearray]], rank: int) -> Optional[dict[str, Any]]:
     """This rank's data position, or None when the checkpoint has none for it."""
     name = data_file(rank)
     if name not in files:

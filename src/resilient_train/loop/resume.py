@@ -18,7 +18,7 @@ from lightning_fabric import Fabric
 from resilient_train import state as state_lib
 from resilient_train.checkpoint import CheckpointManager
 from resilient_train.checkpoint import format as fmt
-from resilient_train.checkpoint.format import _decode_data as decode_data_position
+from resilient_train.checkpoint.format import decode_data as decode_data_position
 from resilient_train.checkpoint.info import LoadedCheckpoint
 from resilient_train.checkpoint.selection import load_newest_valid
 from resilient_train.config import ConfigChange

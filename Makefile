@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-oldest test-plain lint chaos chaos-ci bench clean
+.PHONY: demo test test-fast test-oldest test-plain lint chaos chaos-ci bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,5 +59,11 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/checkpoint.py
 
+# Every GPU promise in one command and one report ($$OUT, default gpu-report/; time limit
+# GPU_CHECK_SECONDS, default 420). It sets up its own environment (.venv-gpu, or a .venv whose torch
+# has CUDA). Without a GPU: a dry run (the gpu tests are collected, the bench scripts load), one line.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
 clean:
-	rm -rf $(VENV) $(OLDEST) .venv-plain runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .venv-plain .venv-gpu gpu-report runs .pytest_cache

@@ -2,8 +2,10 @@
 
 Same model, data, optimizer, batch size and steps as the task `resilient_train run` trains; a
 shuffled DataLoader, no checkpoints, a loss line every `log_every` steps as a user would print.
+`--accelerator cuda` runs it on a GPU (bench/overhead.py passes the same accelerator and precision
+to both sides).
 
-    python bench/fabric_loop.py --steps 1500 --batch 32 [--devices 2] [--hidden 256]
+    python bench/fabric_loop.py --steps 1500 --batch 32 [--devices 2] [--hidden 256] [--accelerator cuda]
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=CONFIG["task"]["hidden"])
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
     task = {**CONFIG["task"], "hidden": args.hidden}
-    fabric = Fabric(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", precision="32-true")
+    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                    precision=args.precision)
     fabric.launch()
     fabric.seed_everything(0)
     model, data = make_problem(task["hidden"], task["samples"], task["dim"])

@@ -104,3 +104,16 @@ def test_session_budget_saves_and_exits_75_before_it_runs_out(tmp_path: Path) ->
 def test_bad_session_budget_is_a_usage_error_naming_the_key(tmp_path: Path) -> None:
     proc = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "r"), "checkpoint.session_budget=soon")
     assert proc.returncode == 2 and "checkpoint.session_budget" in proc.stderr
+
+
+def test_training_on_the_cpu_of_a_gpu_machine_counts_as_cpu() -> None:
+    """A checkpoint written on a GPU and resumed with trainer.accelerator=cpu on the same machine
+    is a device change (sample-exact), although the GPU is still present and listed."""
+    from resilient_train.portability import device_kind, exactness
+
+    l4 = [{"name": "NVIDIA L4", "memory_gib": 22.0, "capability": "8.9"}]
+    saved = {"world_size": 1, "precision": "32-true", "micro_batch": 8, "environment": {"gpus": l4, "device": "cuda"}}
+    now = {"world_size": 1, "precision": "32-true", "micro_batch": 8, "global_batch": 8, "environment": {"gpus": l4, "device": "cpu"}}
+    assert device_kind(now["environment"]) == "CPU" and device_kind(saved["environment"]) == "1x NVIDIA L4"
+    assert exactness(saved, now) == ("sample-exact", ["device 1x NVIDIA L4 -> CPU"])
+    assert device_kind({"gpus": l4}) == "1x NVIDIA L4"  # records written before `device` existed: as before

@@ -41,6 +41,12 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
+def training_fingerprint(device_type: str) -> dict[str, Any]:
+    """The fingerprint plus the kind of device the run trains on (`cpu`, `cuda`): GPUs that are
+    present but unused (`trainer.accelerator=cpu` on a GPU machine) must not count as the device."""
+    return {**fingerprint(), "device": device_type}
+
+
 def fingerprint() -> dict[str, Any]:
     """Versions and hardware that can change the numbers a resumed run produces."""
     import torch

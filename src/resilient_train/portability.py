@@ -30,7 +30,7 @@ ENV_KEYS = ("python", "torch", "lightning_fabric", "resilient_train", "cuda", "c
 def device_kind(environment: Any) -> str:
     """"2x NVIDIA L4" or "CPU"; tolerant of a damaged or foreign environment record."""
     gpus = environment.get("gpus") if isinstance(environment, dict) else None
-    if not isinstance(gpus, list) or not gpus:
+    if not isinstance(gpus, list) or not gpus or environment.get("device") == "cpu":  # trained on the CPU beside its GPUs
         return "CPU"
     names = sorted({str(g.get("name", "?")) if isinstance(g, dict) else "?" for g in gpus})
     return f"{len(gpus)}x {', '.join(names)}"

@@ -24,7 +24,7 @@ from resilient_train.checkpoint.selection import load_newest_valid
 from resilient_train.config import ConfigChange
 from resilient_train.data import resumed_order
 from resilient_train.data.iterable import check_position, world_size_refusal
-from resilient_train.env import fingerprint
+from resilient_train.env import training_fingerprint
 from resilient_train.errors import CheckpointError, UsageError
 from resilient_train.loop.comm import info
 from resilient_train.loop.layout import RunLayout
@@ -149,7 +149,8 @@ def _check_positions(loaded: LoadedCheckpoint, snapshot: fmt.Snapshot, world_siz
 def _assess(fabric: Fabric, manifest: dict[str, Any], layout: RunLayout, precision: Optional[str],
             changes: Sequence[ConfigChange]) -> ResumeAssessment:
     """Say what this resume keeps exact (refusing what it cannot do at all), and return it as a record."""
-    now = {"world_size": fabric.world_size, "precision": precision, "environment": fingerprint(), **layout.to_json(),
+    environment = training_fingerprint(fabric.device.type)
+    now = {"world_size": fabric.world_size, "precision": precision, "environment": environment, **layout.to_json(),
            "config_changes": [change.key for change in changes if change.guarded]}
     refusal = world_size_refusal(manifest, now)  # iterable train_data: positions are per shard
     if refusal is not None:

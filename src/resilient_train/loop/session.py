@@ -22,7 +22,7 @@ from resilient_train.checkpoint.retention import RetentionPolicy
 from resilient_train.checkpoint.saver import CheckpointSaver
 from resilient_train.config import ConfigChange, RunConfig
 from resilient_train.data import BatchSource, build_eval_loader, build_source
-from resilient_train.env import fingerprint
+from resilient_train.env import training_fingerprint
 from resilient_train.errors import TrainingStopped, UsageError
 from resilient_train.grad_ckpt import enable_gradient_checkpointing
 from resilient_train.loop import parts as parts_lib
@@ -174,7 +174,7 @@ def start(setup: Setup, stop: StopRequest, identity: RunIdentity) -> Session:
 def _record_and_saver(setup: Setup, layout: RunLayout, resumed: Resumed, identity: RunIdentity) -> tuple[int, CheckpointSaver]:
     """Take the lease (fencing older writers), record the session, build the saver and mirror."""
     fabric, cfg, managers, rank = setup.fabric, setup.cfg, setup.managers, setup.fabric.global_rank
-    environment = fingerprint()  # probed once: recorded in the session and in every manifest
+    environment = training_fingerprint(fabric.device.type)  # probed once: recorded in the session and in every manifest
     number, lease, mirror = 0, None, None
     if rank == 0:
         folder = RunFolder(setup.run)

@@ -253,3 +253,40 @@ def test_a_run_synced_to_gcs_and_back_carries_each_shared_file_once_and_resumes(
     assert run_cli("sync", gcs_url, back).returncode == 0
     assert shared_names(back) == shared_names(run)
     assert_same_weights(fit(back, 12).state_dict(), want)
+
+
+class Packed(nn.Module):
+    """A frozen layer whose state dict carries a computed entry it cannot load back, as a
+    bitsandbytes 4-bit weight does (`weight.quant_state.*`, packed afresh at every state_dict())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(BIG, 16), requires_grad=False)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight.packed"] = (self.weight.detach() * 2).to(torch.float16)  # a new tensor every time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_frozen_layer_that_cannot_load_its_own_state_resumes_when_build_reproduces_it(tmp_path: Path) -> None:
+    def build_packed() -> tuple[nn.Module, TensorDataset]:
+        seed_everything(0)
+        model = nn.Sequential(Packed(), nn.Linear(16, 1))
+        seed_everything(1)
+        x = torch.randn(64, BIG)
+        return model, TensorDataset(x, x[:, :1])
+
+    def fit_packed(run: str, steps: int) -> nn.Module:
+        model, data = build_packed()
+        trainer = Trainer(run_dir=run, max_steps=steps, batch_size=16, accelerator="cpu", devices=1, progress_bar=False,
+                          every_n_steps=4, keep_last=None)
+        trainer.fit(model, lambda p: torch.optim.AdamW(p, lr=1e-2), data, training_step=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+        return model
+
+    want = fit_packed(str(tmp_path / "straight"), 8).state_dict()
+    run = str(tmp_path / "run")
+    fit_packed(run, 4)
+    assert_same_weights(fit_packed(run, 8).state_dict(), want)  # the packed entry was proven in place, not loaded

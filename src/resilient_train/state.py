@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, cast
+from typing import Any, Iterable, Optional, cast
 
 import torch
 
@@ -52,7 +52,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {normalize_key(k): v for k, v in model.state_dict().items()}
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], in_place: Iterable[str] = ()) -> None:
     """Load normalised weights into `model`, whatever wrapper prefixes it has now.
 
     Everything is checked before the first weight is copied (`load_state_dict` copies the
@@ -60,14 +60,28 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     leaves the model as it was.
     """
     check_model_state(model, state)
-    target = {normalize_key(k): k for k in model.state_dict()}
+    live = model.state_dict()
+    target = {normalize_key(k): k for k in live}
+    # what the model already holds (`in_place`: a frozen base that build() reproduced, proven by
+    # resolve_shared) is not copied onto itself: besides the time, some layers cannot take their own
+    # state back through load_state_dict (bitsandbytes 4-bit weights: absmax, quant_map, quant_state)
+    skip = set(in_place)
+    load = {target[k]: v for k, v in state.items() if k not in skip and not _is_live(v, live[target[k]])}
     try:
-        model.load_state_dict({target[k]: v for k, v in state.items()}, strict=True)
+        result = model.load_state_dict(load, strict=False)
+        if result.unexpected_keys:  # every key is the model's (checked above): the layer would not take it
+            raise RuntimeError(f"Error(s) in loading state_dict: not taken: {', '.join(result.unexpected_keys[:3])}")
     except RuntimeError as exc:  # shapes differ: the model was built with other settings
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
         raise CheckpointError(
             f"the checkpoint does not fit this model ({detail}); resume with the model settings the run was trained with"
         ) from None
+
+
+def _is_live(saved: torch.Tensor, live: torch.Tensor) -> bool:
+    """Whether `saved` is a view of exactly the live tensor's memory (copying it would change nothing)."""
+    return (saved.device == live.device and saved.dtype == live.dtype and saved.shape == live.shape
+            and saved.stride() == live.stride() and saved.numel() > 0 and saved.data_ptr() == live.data_ptr())
 
 
 def check_model_state(model: torch.nn.Module, state: Any) -> None:
@@ -230,7 +244,7 @@ def restore(
     saved_scheduler, saved_scaler = train.get("scheduler"), train.get("scaler") or {}
     live_scaler = scaler.state_dict() if scaler is not None else {}
 
-    load_model_state(model, snapshot.model)
+    load_model_state(model, snapshot.model, snapshot.from_live)
     _apply(optimizer.load_state_dict, train["optimizer"], "optimizer state does not fit this optimizer", "resume with the same optimizer")
     if scheduler is not None:
         if saved_scheduler is None:
@@ -421,6 +435,7 @@ def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedChe
         mine = {key: live[key] for key in keys if key in live}
         if len(mine) == len(keys) and group_name(mine) == name:
             resolved.update(mine)
+            snapshot.from_live.update(keys)
             continue
         if loaded.read_shared is None:
             raise CheckpointError(f"{loaded.info.path}: shared file {name} was not read")

@@ -63,6 +63,7 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
     model_info: Optional[ModelInfo] = None  # capture: which tensors are trainable, their versions
     unresolved: dict[str, str] = field(default_factory=dict)  # decode: model key -> shared file not read
+    from_live: set[str] = field(default_factory=set)  # resolved from the live model: already in place
     pending_aliases: dict[str, str] = field(default_factory=dict)  # tied keys whose target is unresolved
 
 

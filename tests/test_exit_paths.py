@@ -137,7 +137,7 @@ def test_inspect_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.slow  # gcsfs's own retries times ours: about three minutes before the one line
+@pytest.mark.slow  # gcsfs retries (we do not retry its retries): about half a minute before the one line
 def test_ls_of_an_unreachable_bucket_fails_in_one_line() -> None:
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -30,6 +30,10 @@ class Backend(Protocol):
     # A write that returned holds exactly the bytes given: written through the OS from our own
     # buffers and fsynced, so a save just written needs no read-back before older ones are pruned.
     trusted_writes: bool
+    # The client retries transient failures itself (gcsfs: 5xx, 429, dropped connections, with
+    # backoff up to ~30 s): retrying its retries again multiplied the wait for an unreachable
+    # bucket to minutes before the one-line error.
+    retries_itself: bool
 
     def write(self, path: str, chunks: Sequence[Buffer]) -> None:
         """Write a whole file so readers see all of it or none of it."""

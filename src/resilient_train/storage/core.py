@@ -78,7 +78,8 @@ class Storage:
         return path
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(fn, what, self.retry_attempts, self.retry_base_delay)
+        attempts = 1 if self.backend.retries_itself else self.retry_attempts
+        return with_retries(fn, what, attempts, self.retry_base_delay)
 
     # -- reads ---------------------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:

@@ -23,6 +23,7 @@ class FsspecBackend:
     keeps_checksums = False
     local_paths = False
     trusted_writes = False
+    retries_itself = False
 
     def __init__(self, fs: AbstractFileSystem) -> None:
         self.fs = fs

@@ -28,6 +28,7 @@ class GcsBackend:
     keeps_checksums = True
     local_paths = False
     trusted_writes = False
+    retries_itself = True
 
     def __init__(self, fs: AbstractFileSystem) -> None:
         self.fs = fs

@@ -29,6 +29,7 @@ class LocalBackend:
     keeps_checksums = False
     local_paths = True
     trusted_writes = True
+    retries_itself = False
 
     def __init__(self, fs: AbstractFileSystem) -> None:
         self.fs = fs

@@ -15,6 +15,10 @@ import pytest
 # gcsfs 2026.x probes each bucket over gRPC, which hangs for a minute against the emulator; this
 # must be set before gcsfs is first imported (the constructor argument comes too late).
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+# The emulator needs no credentials: gcsfs 2025.3 (what Colab pins, `make test-oldest`) otherwise
+# looks for them at every new client and asks a GCE metadata server that is not there, ~15 s each
+# (newer gcsfs goes anonymous on its own when STORAGE_EMULATOR_HOST is set). fsspec reads this at import.
+os.environ.setdefault("FSSPEC_GS_TOKEN", "anon")
 
 pytest_plugins = ["gcs_emulator", "storage_backends"]
 

@@ -139,6 +139,18 @@ def test_a_frozen_tensor_changed_in_place_is_stored_again_and_resumes_exactly(tm
     assert set(shared_names(run)) == names  # nothing unreferenced left behind
 
 
+def test_a_frozen_parameter_replaced_by_a_new_object_is_stored_again_and_resumes_exactly(tmp_path: Path) -> None:
+    def replace_at_step_6(model: Net, call: int) -> None:
+        if call == 6:  # a new Parameter object (new storage, version 0), not an in-place write
+            model.base.weight = nn.Parameter(model.base.weight.detach() * 0.5, requires_grad=False)
+
+    want = fit(str(tmp_path / "straight"), 12, replace_at_step_6).state_dict()
+    run = str(tmp_path / "run")
+    fit(run, 8, replace_at_step_6)
+    assert "base.weight" in model_keys(run, 8)
+    assert_same_weights(fit(run, 12, replace_at_step_6).state_dict(), want)
+
+
 def test_a_damaged_shared_file_is_not_needed_when_build_reproduces_the_base(straight: tuple[str, Any], tmp_path: Path) -> None:
     _, want = straight
     run = str(tmp_path / "run")

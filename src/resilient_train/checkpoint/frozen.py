@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -99,6 +99,9 @@ class FrozenPlanner:
     def __init__(self) -> None:
         self._stamps: dict[str, Stamp] = {}  # at the previous save
         self._names: dict[tuple, tuple[str, dict]] = {}  # group key -> (name, record)
+        # the storages the parameter stamps point at, held alive: a parameter replaced by a new
+        # object must not find its old address (and version 0) reused and pass for unchanged
+        self._held: list[Any] = []
 
     def plan(self, tensors: dict[str, torch.Tensor], info: Optional[ModelInfo]) -> tuple[dict[str, torch.Tensor], list[SharedGroup]]:
         """(tensors for the checkpoint itself, groups for shared files); no info: nothing shared."""
@@ -119,6 +122,7 @@ class FrozenPlanner:
             else:  # buffers apart (bin -1): they may turn out to change, and must not drag the base along
                 members.setdefault(_bin(key, bins) if key in info.parameters else -1, {})[key] = t
         self._stamps = stamps
+        self._held = [tensors[key].untyped_storage() for key in stamps if key in info.parameters]
         groups = [SharedGroup(m, {key: t._version for key, t in m.items()}, {key: stamps[key] for key in m})
                   for _, m in sorted(members.items())]
         return local, groups

@@ -14,30 +14,18 @@ from __future__ import annotations
 import base64
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from fsspec import AbstractFileSystem
-
 from resilient_train.storage.backend import Buffer
-from resilient_train.storage.fsspec_store import join, refuse_existing
+from resilient_train.storage.fsspec_store import FsspecBackend, join, refuse_existing
 
 
-class GcsBackend:
-    """gs:// and gcs://: whole-object uploads, a generation precondition for the commit."""
+class GcsBackend(FsspecBackend):
+    """gs:// and gcs://: whole-object uploads (as any fsspec store), a generation precondition for
+    the commit, the store's own crc32c per object, and gcsfs's own retries."""
 
     name = "gcs"
     atomic_create = True
     keeps_checksums = True
-    local_paths = False
-    trusted_writes = False
     retries_itself = True
-
-    def __init__(self, fs: AbstractFileSystem) -> None:
-        self.fs = fs
-
-    def write(self, path: str, chunks: Sequence[Buffer]) -> None:
-        self.fs.pipe_file(path, join(chunks))
-
-    def read_buffer(self, path: str) -> bytearray:
-        return bytearray(self.fs.cat_file(path))
 
     def create(self, path: str, data: Union[bytes, Sequence[Buffer]]) -> None:
         refuse_existing(self.fs, path)  # the emulator ignores preconditions; GCS does not
@@ -45,9 +33,6 @@ class GcsBackend:
 
     def stored_checksum(self, entry: Mapping[str, Any]) -> Optional[str]:
         return crc32c_hex(entry.get("crc32c"))
-
-    def url(self, path: str) -> str:
-        return str(self.fs.unstrip_protocol(path))
 
 
 def crc32c_hex(value: Any) -> Optional[str]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from resilient_train.data.numpy_rng import NumpyRng
 
 
 def batch_seed(*parts: Any) -> int:
@@ -29,12 +31,20 @@ class BatchKey(NamedTuple):
     seed: int
 
 
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
+_numpy_rng: Optional[NumpyRng] = None
+_numpy_checked = False
+
+
+def _numpy() -> Optional[NumpyRng]:
+    """NumPy's global RNG guard, or None where NumPy is not installed (looked up once)."""
+    global _numpy_rng, _numpy_checked
+    if not _numpy_checked:
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        _numpy_rng, _numpy_checked = (NumpyRng(numpy) if numpy is not None else None), True
+    return _numpy_rng
 
 
 @contextlib.contextmanager
@@ -42,22 +52,24 @@ def seeded(seed: int) -> Iterator[None]:
     """Seed `random`, torch's CPU generator and NumPy's global one; restore all three afterwards.
 
     Only the CPU generator is touched (`torch.manual_seed` would also reseed CUDA and so move the
-    main process's GPU dropout stream when batches are fetched in the main process).
+    main process's GPU dropout stream when batches are fetched in the main process). NumPy's state
+    is saved through numpy_rng.py, which makes the usual case (nothing drew from NumPy since the
+    last fetch) cost microseconds.
     """
-    np = _numpy()
+    np_rng = _numpy()
     saved_py, saved_torch = random.getstate(), torch.get_rng_state()
-    saved_np = np.random.get_state() if np is not None else None
+    saved_np = np_rng.save() if np_rng is not None else None
     random.seed(seed)
     torch.default_generator.manual_seed(seed)
-    if np is not None:
-        np.random.seed(seed % 2**32)
+    if np_rng is not None:
+        np_rng.seed(seed % 2**32)
     try:
         yield
     finally:
         random.setstate(saved_py)
         torch.set_rng_state(saved_torch)
-        if np is not None:
-            np.random.set_state(saved_np)
+        if np_rng is not None:
+            np_rng.restore(saved_np)
 
 
 class SeededBatches(Dataset):

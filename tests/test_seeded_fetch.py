@@ -1,0 +1,143 @@
+"""A seeded fetch leaves the main process's RNG streams exactly as they were (data/seeding.py).
+
+NumPy's state is put back through a fast path (data/numpy_rng.py) that handles the legacy
+`randn` cache by reasoning, not by reading it; these tests compare it, draw for draw, with the
+plain `get_state`/`set_state` round trip over random sequences of user draws and fetches.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from resilient_train.data import seeding
+from resilient_train.data.numpy_rng import NumpyRng
+
+
+def _reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        return draw()
+    finally:
+        np.random.set_state(saved)
+
+
+def _guarded_fetch(guard: NumpyRng, seed: int, draw: Callable[[], Any]) -> Any:
+    saved = guard.save()
+    guard.seed(seed % 2**32)
+    try:
+        return draw()
+    finally:
+        guard.restore(saved)
+
+
+DRAWS: list[Callable[[], Any]] = [
+    lambda: None,
+    lambda: np.random.rand(),
+    lambda: np.random.randn(),  # fills or empties the gauss cache
+    lambda: np.random.randn(3),
+    lambda: np.random.rand(700),  # past one 624-word block
+    lambda: np.random.randint(0, 10, size=5),
+    lambda: np.random.normal(size=1),
+]
+
+
+def _script(rng: random.Random, length: int) -> list[tuple[str, int, int]]:
+    """A sequence of user draws, user reseeds and fetches (each with the draw it makes)."""
+    actions = []
+    for _ in range(length):
+        kind = rng.choice(["fetch", "fetch", "fetch", "user", "user", "reseed"])
+        actions.append((kind, rng.randrange(len(DRAWS)), rng.randrange(2**40)))
+    return actions
+
+
+def _play(script: list[tuple[str, int, int]], fetch: Callable[[int, Callable[[], Any]], Any]) -> list[Any]:
+    np.random.seed(1234)
+    seen: list[Any] = []
+    for kind, draw, seed in script:
+        if kind == "fetch":
+            seen.append(fetch(seed, DRAWS[draw]))
+        elif kind == "user":
+            seen.append(DRAWS[draw]())
+        else:
+            np.random.seed(seed % 2**32)
+    values = [np.asarray(x).tolist() if x is not None else None for x in seen]
+    state = np.random.get_state()
+    return values + [state[1].tolist(), state[2], state[3], state[4]]
+
+
+@pytest.mark.parametrize("script_seed", range(12))
+def test_numpy_draws_match_a_plain_get_and_set_state_round_trip(script_seed: int) -> None:
+    script = _script(random.Random(script_seed), 60)
+    expected = _play(script, _reference_fetch)
+    guard = NumpyRng(np)
+    assert _play(script, lambda seed, draw: _guarded_fetch(guard, seed, draw)) == expected
+
+
+def test_the_gauss_cache_of_the_main_process_survives_a_fetch() -> None:
+    guard = NumpyRng(np)
+    np.random.seed(5)
+    np.random.randn()  # one normal of a pair is now cached
+    before = np.random.get_state()
+    for seed in range(3):
+        _guarded_fetch(guard, seed, lambda: np.random.randn(5))
+    after = np.random.get_state()
+    assert after[3] == before[3] == 1 and after[4] == before[4]
+    assert np.array_equal(after[1], before[1]) and after[2] == before[2]
+
+
+def test_the_fast_path_is_taken_when_nothing_drew_between_fetches() -> None:
+    guard = NumpyRng(np)
+    np.random.seed(9)
+    _guarded_fetch(guard, 1, lambda: np.random.rand(3))
+    assert isinstance(guard.save(), bytes)  # the raw state, not the 624-word tuple
+
+
+def test_without_a_ctypes_interface_the_guard_falls_back_to_get_state() -> None:
+    class NoCtypes:
+        """NumPy as seen through a bit generator without `ctypes` (another implementation)."""
+
+        def __init__(self) -> None:
+            self.random = self
+
+        def get_state(self) -> Any:
+            return np.random.get_state()
+
+        def set_state(self, state: Any) -> None:
+            np.random.set_state(state)
+
+        def seed(self, seed: int) -> None:
+            np.random.seed(seed)
+
+    guard = NumpyRng(NoCtypes())
+    np.random.seed(2)
+    np.random.randn()
+    before = np.random.get_state()
+    saved = guard.save()
+    assert not isinstance(saved, bytes)
+    guard.seed(7)
+    np.random.rand(10)
+    guard.restore(saved)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], before[1]) and after[2:] == before[2:]
+
+
+def test_a_seeded_fetch_restores_python_torch_and_numpy_streams() -> None:
+    random.seed(3)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    expected = (random.random(), torch.rand(2).tolist(), np.random.rand())
+    random.seed(3)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    with seeding.seeded(42):
+        inside = (random.random(), torch.rand(2).tolist(), np.random.rand())
+    assert (random.random(), torch.rand(2).tolist(), np.random.rand()) == expected
+    with seeding.seeded(42):
+        again = (random.random(), torch.rand(2).tolist(), np.random.rand())
+    assert again == inside  # a batch's randomness is a function of its seed alone

@@ -42,8 +42,10 @@ def _numpy() -> Optional[NumpyRng]:
         try:
             import numpy
         except ImportError:
-            numpy = None
-        _numpy_rng, _numpy_checked = (NumpyRng(numpy) if numpy is not None else None), True
+            _numpy_rng = None
+        else:
+            _numpy_rng = NumpyRng(numpy)
+        _numpy_checked = True
     return _numpy_rng
 
 

@@ -300,3 +300,44 @@ def test_to_dictconfig_gives_attribute_access():
     cfg = config.resolve(TASK_CONFIG).to_dictconfig()
     assert cfg.task.lr == 3e-4
     assert cfg.trainer.max_steps == 500
+
+
+# -- derived forms are kept, and never outlive a change ------------------------------------------------
+def test_the_config_hash_of_existing_runs_is_unchanged():
+    # values computed by the releases that wrote today's checkpoints: a new digest would label
+    # every resume of an older run as a config change
+    assert config.resolve({}).hash() == "6728e09a7c5c75a2"
+    layer = {"task": {"lr": 0.1, "x": [1, 2]}, "trainer": {"max_steps": 7}}
+    assert config.resolve(layer).hash() == "3ba0a7eb3b3fb937"
+
+
+def test_yaml_hash_and_plain_form_follow_a_change_made_in_place():
+    cfg = config.resolve({"task": {"flag": 1}})
+    yaml_before, hash_before = cfg.to_yaml(), cfg.hash()
+    cfg.task["flag"] = True  # equal to 1 in Python, but another value
+    assert cfg.to_yaml() != yaml_before and "flag: true" in cfg.to_yaml()
+    assert cfg.hash() != hash_before
+    assert cfg.to_container()["task"]["flag"] is True
+
+
+def test_the_plain_form_is_a_copy_the_caller_may_change():
+    cfg = config.resolve({"task": {"items": [1, 2]}})
+    cfg.to_container()["task"]["items"].append(3)
+    assert cfg.to_container()["task"]["items"] == [1, 2]
+
+
+def test_a_resolved_config_changed_in_place_is_validated_again():
+    cfg = config.resolve({})
+    assert config.resolve(cfg) == cfg and config.resolve(cfg) is not cfg
+    cfg.trainer.max_steps = "12"  # a string, as a careless script might set it
+    assert config.resolve(cfg).trainer.max_steps == 12  # normalised by the schema again
+    cfg.trainer.max_steps = "many"
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        config.resolve(cfg)
+
+
+def test_only_a_config_resolve_made_skips_the_schema():
+    by_hand = RunConfig(trainer=TrainerConfig(max_steps=30))
+    assert not by_hand.is_resolved()
+    resolved = config.resolve(by_hand)
+    assert resolved.is_resolved() and resolved == by_hand

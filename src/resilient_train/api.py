@@ -58,12 +58,25 @@ def run_task(task: str, run_dir: Optional[str] = None, config: Optional[str] = N
 
 def _listen_for_configured_stops(given: Sequence[Any]) -> None:
     """Stop signals named by --config or KEY=VALUE, listened for before the task is imported; a
-    config that does not resolve yet is reported later, with the task's CONFIG beneath it."""
+    config that does not resolve yet is reported later, with the task's CONFIG beneath it. Layers
+    that do not name `checkpoint.stop_signals` leave the default set the CLI listens for already."""
+    if not any(_names_stop_signals(layer) for layer in given):
+        return
     try:
         signals = resolve(*given).checkpoint.stop_signals
     except UsageError:
         return
     StopRequest.retune_early(signals)
+
+
+def _names_stop_signals(layer: Any) -> bool:
+    """False only when the layer surely leaves `checkpoint.stop_signals` unset."""
+    if not hasattr(layer, "get"):
+        return True
+    section = layer.get("checkpoint")
+    if section is None:
+        return False
+    return not hasattr(section, "keys") or "stop_signals" in section
 
 
 def resume_run(run_dir: str, overrides: Sequence[str] = (), allow_change: Sequence[str] = ()) -> Any:

@@ -7,6 +7,7 @@ question is which layer set the value it used.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional, Sequence, cast
 
@@ -110,14 +111,23 @@ def kwargs_layer(kwargs: Mapping[str, Any]) -> dict:
 
 
 def resolve(*layers: Any) -> RunConfig:
-    """Merge layers over the defaults and validate; every failure names the offending key."""
+    """Merge layers over the defaults and validate; every failure names the offending key.
+
+    A config this function made, unchanged since and alone, is returned as a copy without going
+    through OmegaConf again (~15 ms: `Trainer(cfg)` after `run` resolved it).
+    """
+    given = [layer for layer in layers if layer is not None and not (isinstance(layer, dict) and not layer)]
+    if len(given) == 1 and isinstance(given[0], RunConfig) and given[0].is_resolved():
+        return copy.deepcopy(given[0])
     schema = OmegaConf.structured(RunConfig)
     for layer in layers:
         if layer is not None:
             _check_shapes(schema, _plain_layer(layer), "")
     try:
         merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
-        return cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
+        resolved = cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
+        resolved.mark_resolved()
+        return resolved
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None
         if cause is not None:
@@ -192,7 +202,7 @@ def _leaves(value: Any, prefix: str) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, RunConfig):
-        return OmegaConf.to_container(value.to_dictconfig(), resolve=True)
+        return value.to_container()
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     return value if isinstance(value, Mapping) else {}

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from omegaconf import OmegaConf
-
 from resilient_train.config.schema import RunConfig
 from resilient_train.errors import UsageError
 
@@ -75,8 +73,8 @@ def _guarded(key: str, stored: RunConfig, new: RunConfig) -> bool:
 
 def config_changes(stored: RunConfig, new: RunConfig) -> list[ConfigChange]:
     """Every key (run_dir aside) whose value differs, in key order, each classified."""
-    before = _leaves(OmegaConf.to_container(stored.to_dictconfig(), resolve=True), "")
-    after = _leaves(OmegaConf.to_container(new.to_dictconfig(), resolve=True), "")
+    before = _leaves(stored.to_container(), "")
+    after = _leaves(new.to_container(), "")
     changes = []
     for key in sorted(set(before) | set(after)):
         if key == "run_dir":

@@ -6,9 +6,11 @@ command line costs one clear line instead of a crash an hour later.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -221,17 +223,49 @@ class RunConfig:
         """The OmegaConf view handed to a task's `build(cfg)` (attribute access: `cfg.task.lr`)."""
         return OmegaConf.structured(self)
 
+    def to_container(self) -> dict[str, Any]:
+        """The config as plain nested dicts and lists (a fresh copy: callers may change it)."""
+        return copy.deepcopy(self._derived("container", lambda: OmegaConf.to_container(self.to_dictconfig(), resolve=True)))
+
     def to_yaml(self) -> str:
-        return OmegaConf.to_yaml(self.to_dictconfig())
+        return cast(str, self._derived("yaml", lambda: OmegaConf.to_yaml(self.to_dictconfig())))
 
     def hash(self) -> str:
         """A short digest of everything that shapes the training result (run_dir and logging excluded)."""
-        data = cast(dict[str, Any], OmegaConf.to_container(self.to_dictconfig(), resolve=True))
+        return cast(str, self._derived("hash", self._hash))
+
+    def _hash(self) -> str:
+        data = self.to_container()
         data.pop("run_dir", None)
         data.pop("logging", None)  # where metrics go does not shape the result
         text = OmegaConf.to_yaml(OmegaConf.create(data))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def mark_resolved(self) -> None:
+        """Record that `config.resolve` validated and normalised exactly these values."""
+        self.__dict__["_resolved_key"] = self.fields_key()
+
+    def is_resolved(self) -> bool:
+        """True while the values are still the ones `mark_resolved` saw."""
+        return self.__dict__.get("_resolved_key") == self.fields_key()
+
+    def fields_key(self) -> str:
+        """Every field's value, as text that differs whenever one does (1, 1.0 and True included)."""
+        return repr(dataclasses.asdict(self))
+
+    def _derived(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, kept until a field of this config changes.
+
+        Going through OmegaConf costs ~6 ms per call and a run asks for the YAML, the hash and the
+        plain form several times during start-up; the key is checked on every call, so a config
+        changed in place is never answered with what its old values gave.
+        """
+        memo: dict[str, tuple[str, Any]] = self.__dict__.setdefault("_memo", {})
+        key = self.fields_key()
+        held = memo.get(name)
+        if held is None or held[0] != key:
+            held = memo[name] = (key, compute())
+        return held[1]
 
 
 # the sections whose field names are config keys (`task` is the user's own, free-form)

@@ -35,7 +35,7 @@ class TrackerSettings(Protocol):
 class ConfigSource(Protocol):
     """A run config as trackers record it (`config.RunConfig` is one)."""
 
-    def to_dictconfig(self) -> Any: ...
+    def to_container(self) -> dict[str, Any]: ...
 
 LOGS, TRACKERS_JSON = "logs", "trackers.json"
 # how a session ended, as `close` is told: finished (or stopped cleanly, to be resumed) or failed
@@ -74,15 +74,13 @@ class RunParams:
     @classmethod
     def of(cls, cfg: ConfigSource) -> RunParams:
         """The flattened config and the environment fingerprint of the process calling it."""
-        from omegaconf import OmegaConf
-
         from resilient_train.env import fingerprint
         from resilient_train.portability import device_kind
 
         env = fingerprint()
         environment = {key: value for key, value in env.items() if key != "gpus"}
         environment["device"] = device_kind(env)
-        return cls(config=flatten(OmegaConf.to_container(cfg.to_dictconfig(), resolve=True)), environment=flatten(environment))
+        return cls(config=flatten(cfg.to_container()), environment=flatten(environment))
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

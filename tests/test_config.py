@@ -8,7 +8,6 @@ from resilient_train import config
 from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
 from resilient_train.errors import ConfigError, UsageError
 
-
 TASK_CONFIG = {
     "task": {"hidden": 128, "lr": 3e-4},
     "trainer": {"max_steps": 500, "batch_size": 16, "precision": "32-true"},

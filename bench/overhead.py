@@ -22,6 +22,7 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,14 +32,20 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(command: list[str]) -> float:
-    """Wall seconds of one process run to completion (its output discarded; a failure stops the bench)."""
+def timed(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one process run to completion (output discarded; a failure stops the bench).
+
+    CPU is user + system time of the process and its children: on a shared or throttled machine
+    the wall time of the same program varies by ~10% from run to run, its CPU time much less.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(command[:4])} ... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def commands(args: argparse.Namespace, run_dir: str) -> tuple[list[str], list[str]]:
@@ -71,31 +78,36 @@ def main() -> int:
     # PYTHONDONTWRITEBYTECODE set, the package's ~100 modules would be compiled in every process
     for folder in ("src/resilient_train", "bench"):
         compileall.compile_dir(os.path.join(REPO, folder), quiet=1)
-    ours_s, base_s, ratios = [], [], []
+    ours_s, base_s, ratios, cpu_ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs + 1):  # pair 0 warms the file cache and is not counted
             ours, baseline = commands(args, os.path.join(tmp, f"run{pair}"))
             first_ours = pair % 2 == 0
-            a = timed(ours) if first_ours else 0.0
+            a = timed(ours) if first_ours else (0.0, 0.0)
             b = timed(baseline)
             a = a if first_ours else timed(ours)
             if pair == 0:
                 continue
-            ours_s.append(a)
-            base_s.append(b)
-            ratios.append(a / b)
-            print(f"pair {pair}/{args.pairs}: run {a:.2f} s, Fabric loop {b:.2f} s, ratio {a / b:.3f}", file=sys.stderr)
+            ours_s.append(a[0])
+            base_s.append(b[0])
+            ratios.append(a[0] / b[0])
+            cpu_ratios.append(a[1] / b[1])
+            print(f"pair {pair}/{args.pairs}: run {a[0]:.2f} s (CPU {a[1]:.2f} s), Fabric loop {b[0]:.2f} s "
+                  f"(CPU {b[1]:.2f} s), ratio {a[0] / b[0]:.3f} (CPU {a[1] / b[1]:.3f})", file=sys.stderr)
     goal = goal_for(args.accelerator, args.devices)
     figures = {"accelerator": args.accelerator, "precision": args.precision, "devices": args.devices, "pairs": args.pairs,
                "steps": args.steps, "batch": args.batch, "hidden": args.hidden,
                "fabric_loop_s": statistics.median(base_s), "run_s": statistics.median(ours_s),
-               "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "goal": goal}
+               "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "cpu_ratio": statistics.median(cpu_ratios), "goal": goal}
     print(f"work: 3-layer MLP hidden={args.hidden}, batch {args.batch} per device, {args.steps} steps, "
           f"{args.devices} process(es), {args.accelerator.upper()} {args.precision}, {args.pairs} pairs")
     print(f"hand-written Fabric loop: {figures['fabric_loop_s']:.2f} s (median wall time of the process)")
     print(f"resilient_train run:      {figures['run_s']:.2f} s")
     print(f"ratio (median of per-pair ratios): {figures['ratio']:.3f}  "
           f"[min {min(ratios):.3f}, max {max(ratios):.3f}; goal <= {goal}]")
+    print(f"CPU-time ratio (median of per-pair ratios): {figures['cpu_ratio']:.3f}  "
+          f"[min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

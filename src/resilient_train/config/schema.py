@@ -225,10 +225,14 @@ class RunConfig:
 
     def to_container(self) -> dict[str, Any]:
         """The config as plain nested dicts and lists (a fresh copy: callers may change it)."""
-        return copy.deepcopy(self._derived("container", lambda: OmegaConf.to_container(self.to_dictconfig(), resolve=True)))
+        return copy.deepcopy(self._derived("container", lambda: OmegaConf.to_container(self._view(), resolve=True)))
 
     def to_yaml(self) -> str:
-        return cast(str, self._derived("yaml", lambda: OmegaConf.to_yaml(self.to_dictconfig())))
+        return cast(str, self._derived("yaml", lambda: OmegaConf.to_yaml(self._view())))
+
+    def _view(self) -> DictConfig:
+        """A DictConfig of the current values that only the derived forms read (never handed out)."""
+        return cast(DictConfig, self._derived("view", self.to_dictconfig))
 
     def hash(self) -> str:
         """A short digest of everything that shapes the training result (run_dir and logging excluded)."""

@@ -28,7 +28,7 @@ from resilient_train.check_resume import (
 )
 from resilient_train.cli import main
 from resilient_train.errors import UsageError
-from resilient_train.run_folder import RunFolder
+from resilient_train.run.folder import RunFolder
 from resilient_train.storage import Storage
 from resilient_train.tools.check_resume.records import ResumeFact, last_session, resume_after
 

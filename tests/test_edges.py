@@ -196,7 +196,7 @@ def build(cfg):
 
 
 def test_validation_averages_the_custom_metrics_and_check_resume_compares_them(tmp_path: Path) -> None:
-    from resilient_train.metrics import read_rows
+    from resilient_train.run.metrics import read_rows
     from resilient_train.storage import Storage
     from resilient_train.tools.check_resume.compare import _metrics
 

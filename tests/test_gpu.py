@@ -152,7 +152,7 @@ class TinyLM(nn.Module):
 def _lm_window(run_dir: Path, checkpointing: bool) -> dict:
     """Train TinyLM 8 steps (batch 32 x 512 tokens) and return the second log window's row
     (steps 5-8: the optimizer state exists, nothing is allocated for the first time)."""
-    from resilient_train.metrics import read_rows
+    from resilient_train.run.metrics import read_rows
 
     seed_everything(0)
     tokens = torch.randint(1024, (8 * 32, 513), generator=torch.Generator().manual_seed(0))
@@ -211,7 +211,7 @@ def test_auto_micro_batch_finds_a_size_under_real_memory_pressure(tmp_path: Path
 
 
 def test_gpu_stats_log_the_peak_memory_of_each_window(tmp_path: Path) -> None:
-    from resilient_train.metrics import read_rows
+    from resilient_train.run.metrics import read_rows
 
     _fit(tmp_path / "run", max_steps=8, precision="32-true", log_every_n_steps=4)
     rows = [row for row in read_rows(Storage(str(tmp_path / "run"))) if row.get("loss")]

@@ -16,7 +16,7 @@ SMALL = ["task.n=64", "checkpoint.every_n_steps=5", "checkpoint.keep_last=3"]
 
 
 def _logged_steps(run: Path) -> set[int]:
-    from resilient_train.metrics import read_rows
+    from resilient_train.run.metrics import read_rows
     from resilient_train.storage import Storage
 
     return {row["step"] for row in read_rows(Storage(str(run)))}

@@ -27,9 +27,9 @@ from faulty_fs import Fault, FaultPlan, SimulatedCrash, forget, install
 from resilient_train.api import resume_run, run_task
 from resilient_train.checkpoint.lease import Lease, read_lease
 from resilient_train.errors import NotFoundError
-from resilient_train.metrics import MetricsLogger, read_rows
+from resilient_train.run.metrics import MetricsLogger, read_rows
 from resilient_train.plot import read_history
-from resilient_train.run_folder import RunFolder
+from resilient_train.run.folder import RunFolder
 from resilient_train.storage import Storage
 
 SHORT = ["task.n=32", "trainer.max_steps=4", "trainer.log_every_n_steps=2", "checkpoint.every_n_steps=2"]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from helpers import run_cli_inprocess
-from resilient_train.metrics import read_rows
+from resilient_train.run.metrics import read_rows
 from resilient_train.storage import Storage
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from resilient_train import Trainer, UsageError, seed_everything
-from resilient_train.metrics import read_rows
+from resilient_train.run.metrics import read_rows
 from resilient_train.step_metrics import MetricWindow, split_output
 from resilient_train.storage import Storage
 

@@ -24,7 +24,7 @@ from conftest import REPO, cli_env, error_lines
 
 from resilient_train.config import LoggingConfig
 from resilient_train.errors import UsageError
-from resilient_train.metrics import COLUMNS, MetricsLogger, read_rows
+from resilient_train.run.metrics import COLUMNS, MetricsLogger, read_rows
 from resilient_train.plot import plot_run, read_history
 from resilient_train.storage import Storage
 from resilient_train.trackers import RunParams

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data._utils import signal_handling
 
-from resilient_train.metrics import MetricsLogger
+from resilient_train.run.metrics import MetricsLogger
 from resilient_train.storage import Storage
 
 

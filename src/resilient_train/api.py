@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 from resilient_train.config import ConfigChange, RunConfig, check_config_changes, load_yaml_layer, parse_overrides, resolve
 from resilient_train.errors import UsageError
 from resilient_train.preemption import StopRequest
-from resilient_train.run_folder import RunFolder
+from resilient_train.run.folder import RunFolder
 from resilient_train.seeding import seed_everything
 from resilient_train.task import BUILD_KEYS_NOT_FOR_FIT, Task, load_task
 

@@ -54,7 +54,7 @@ def require_transformers() -> None:
 
 def check_target(out: str) -> Storage:
     """OUT_DIR, refused when it is a run or a checkpoint folder (`model.safetensors` there is ours)."""
-    from resilient_train.run_folder import refuse_run_owned_target
+    from resilient_train.export_target import refuse_run_owned_target
 
     target = Storage(out)
     for name in _NOT_A_TARGET:
@@ -97,7 +97,7 @@ def export_hf(run: Storage, weights: dict[str, torch.Tensor], out: str) -> HFExp
 def _rebuild(run: Storage, task_dir: str) -> dict[str, Any]:
     """The task's parts as `resume` builds them: stored config, task snapshot, seeded RNGs."""
     from resilient_train.config import resolve
-    from resilient_train.run_folder import RunFolder
+    from resilient_train.run.folder import RunFolder
     from resilient_train.seeding import seed_everything
     from resilient_train.task import load_task
 

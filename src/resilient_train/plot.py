@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from resilient_train.errors import NotFoundError, UsageError
-from resilient_train.metrics import read_rows
 from resilient_train.portability import device_kind
-from resilient_train.run_folder import RunFolder
+from resilient_train.run.folder import RunFolder
+from resilient_train.run.metrics import read_rows
 from resilient_train.storage import Storage
 
 

@@ -22,7 +22,7 @@ from resilient_train.loop.comm import agree, info
 from resilient_train.loop.parts import StepFn, default_training_step
 from resilient_train.loop.train import train
 from resilient_train.preemption import StopRequest
-from resilient_train.run_folder import RunFolder
+from resilient_train.run.folder import RunFolder
 from resilient_train.runtime import (
     build_fabric,
     effective_precision,

@@ -10,7 +10,7 @@ Used by `sync` and by the background mirror. The rules (design guide, section 4)
 - Only regular files travel: a symlink is never followed (it could point anywhere on SRC's disk).
 - Run files (`run.yaml`, the task snapshot, logs) are replaced at DST only when DST has not moved
   past SRC; two different runs (their run ids differ) are never merged. The history
-  (`sessions.json`, `logs/metrics.csv`) is merged, never replaced (run_history.py): DST keeps
+  (`sessions.json`, `logs/metrics.csv`) is merged, never replaced (run/history.py): DST keeps
   every session record and logged row it had, so no copy ever shortens another's history.
 
 This module imports no torch.
@@ -35,7 +35,7 @@ from resilient_train.checkpoint.manager import (
 from resilient_train.checkpoint.manifest import check_file, step_dir
 from resilient_train.checkpoint.shared import SHARED_DIR, logical
 from resilient_train.errors import CheckpointError, UsageError
-from resilient_train.run_history import HISTORY_FILES, copy_history
+from resilient_train.run.history import HISTORY_FILES, copy_history
 from resilient_train.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class RunFileCopier:
     def copy(self) -> int:
         """The task snapshot (task.json last), run.json, sessions.json, logs, then run.yaml; files copied.
 
-        The order of a new run's birth (run_folder.py): `run.yaml` is a run's commit marker, so a
+        The order of a new run's birth (run/folder.py): `run.yaml` is a run's commit marker, so a
         copy cut short at any moment is not mistaken for a whole run (resume says to sync again).
         """
         top = {e["basename"]: e for e in self.src.list_dir()}

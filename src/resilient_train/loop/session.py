@@ -33,8 +33,8 @@ from resilient_train.loop.resume import Resumed, TrainingParts, resume
 from resilient_train.loop.step import ForwardBackward
 from resilient_train.microbatch import MicroBatchFit
 from resilient_train.preemption import StopRequest
-from resilient_train.run_folder import RunFolder
-from resilient_train.run_history import adopt
+from resilient_train.run.folder import RunFolder
+from resilient_train.run.history import adopt
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 

@@ -21,7 +21,7 @@ from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
 from resilient_train.loop.window import LogWindow, progress_bar
-from resilient_train.metrics import MetricsLogger
+from resilient_train.run.metrics import MetricsLogger
 
 
 def train(session: Session) -> tuple[Optional[float], Optional[float]]:

@@ -17,7 +17,7 @@ from lightning_fabric import Fabric
 from resilient_train.config import TrainerConfig
 from resilient_train.gpu_stats import DeviceStats
 from resilient_train.loop.comm import all_reduce, gather_objects
-from resilient_train.metrics import MetricsLogger
+from resilient_train.run.metrics import MetricsLogger
 from resilient_train.step_metrics import MetricWindow, Ranks
 
 log = logging.getLogger("resilient_train")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         return _export_hf(args)
     from resilient_train.checkpoint import tensorfile
-    from resilient_train.run_folder import refuse_run_owned_target
+    from resilient_train.export_target import refuse_run_owned_target
     from resilient_train.storage import Storage
 
     refuse_run_owned_target(args.out)  # never over run.yaml or into a checkpoint it exports from

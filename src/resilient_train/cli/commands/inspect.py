@@ -48,7 +48,7 @@ def _gather(target: str) -> dict[str, Any]:
     """TARGET's report: run URL, stored config, sessions, checkpoints, and the chosen checkpoint's manifest."""
     from resilient_train.checkpoint.manager import COMMITTED
     from resilient_train.cli.commands._shared import resolve_checkpoint
-    from resilient_train.run_folder import RunFolder
+    from resilient_train.run.folder import RunFolder
 
     manager, info = resolve_checkpoint(target)
     run = manager.run

@@ -73,7 +73,7 @@ def _compared(column: str) -> bool:
 
 
 def _metrics(run: Any) -> dict[tuple[str, int], float]:
-    from resilient_train.metrics import read_rows
+    from resilient_train.run.metrics import read_rows
 
     try:
         rows = read_rows(run)

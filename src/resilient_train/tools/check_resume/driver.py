@@ -81,7 +81,7 @@ def stop_signal(run_dir: str) -> int:
     """The signal that asks this run to stop: the first of its `checkpoint.stop_signals`, read
     from the run's own run.yaml (SIGTERM under the defaults, SIGUSR1 where a SLURM setup chose it;
     a SIGTERM the run does not take as a stop would kill it instead)."""
-    from resilient_train.run_folder import RunFolder
+    from resilient_train.run.folder import RunFolder
 
     names = RunFolder.at(run_dir).read_config().checkpoint.stop_signals
     return int(signal.Signals[names[0]])

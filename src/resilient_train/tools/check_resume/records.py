@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from resilient_train.run_folder import RunFolder, SessionRecord
+from resilient_train.run.folder import RunFolder
+from resilient_train.run.sessions import SessionRecord
 from resilient_train.storage import Storage
 
 

@@ -34,15 +34,14 @@ import json
 import logging
 import os
 import posixpath
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional, cast
 
-from resilient_train.checkpoint.manifest import MANIFEST
 from resilient_train.config import RunConfig, load_run_yaml, resolve
 from resilient_train.errors import NotFoundError, UsageError
-from resilient_train.run_integrity import check_snapshot, half_copied_snapshot, refuse_half_copy_without_run_yaml
+from resilient_train.run.integrity import check_snapshot, half_copied_snapshot, refuse_half_copy_without_run_yaml
+from resilient_train.run.jsonfiles import DAMAGED, read_json, utc_now
+from resilient_train.run.sessions import SessionLog, SessionRecord
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -52,9 +51,6 @@ RUN_YAML = "run.yaml"
 RUN_JSON = "run.json"
 TASK_DIR = "task"
 TASK_JSON = "task.json"
-SESSIONS = "sessions.json"
-SESSIONS_BACKUP = "sessions.json.bak"
-_DAMAGED = object()  # what _read_json returns for a file that is there but does not parse
 
 
 class RunFolder:
@@ -62,6 +58,7 @@ class RunFolder:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self.session_log = SessionLog(storage)
 
     @classmethod
     def at(cls, url: str) -> "RunFolder":
@@ -102,12 +99,12 @@ class RunFolder:
         """The id written when the run was born (None for runs older than run ids, or unreadable)."""
         record = self._read_json(RUN_JSON)
         run_id = record.get("run_id") if isinstance(record, dict) else None
-        if record is not None and record is not _DAMAGED and run_id is None:
+        if record is not None and record is not DAMAGED and run_id is None:
             log.warning("%s is damaged (no run_id); ignoring it", self.storage.display(RUN_JSON))
         return run_id if isinstance(run_id, str) and run_id else None
 
     def _write_run_id(self) -> None:
-        record = {"run_id": uuid.uuid4().hex, "created_at": _now()}
+        record = {"run_id": uuid.uuid4().hex, "created_at": utc_now()}
         self.storage.write_text(json.dumps(record, indent=2), RUN_JSON)
 
     # -- config --------------------------------------------------------------------------------
@@ -150,7 +147,7 @@ class RunFolder:
     def task_meta(self) -> Optional[dict[str, Any]]:
         """task/task.json, or None when absent or damaged (said in one warning line)."""
         meta = self._read_json(TASK_DIR, TASK_JSON)
-        if meta is None or meta is _DAMAGED:
+        if meta is None or meta is DAMAGED:
             return None
         entry = meta.get("entry") if isinstance(meta, dict) else None
         assets = meta.get("assets", []) if isinstance(meta, dict) else None
@@ -219,116 +216,18 @@ class RunFolder:
                 f.write(self.storage.read_bytes(TASK_DIR, *name.split("/")))
         return os.path.join(local_dir, meta["entry"])
 
-    # -- sessions ------------------------------------------------------------------------------
+    # -- sessions (run/sessions.py) ------------------------------------------------------------
     def sessions(self) -> list[dict[str, Any]]:
-        """The session records; a damaged file is reported in one warning line, never fatal."""
-        return self._load_sessions()[0]
+        return self.session_log.records_json()
 
-    def session_records(self) -> list["SessionRecord"]:
-        """The session records, typed: what tools read instead of the log lines a session printed."""
-        return [SessionRecord.from_json(record) for record in self.sessions()]
+    def session_records(self) -> list[SessionRecord]:
+        return self.session_log.records()
 
     def start_session(self, start_step: int, info: dict[str, Any]) -> int:
-        """Record a new session of this run; returns its number (1 for the first).
+        return self.session_log.start(start_step, info)
 
-        A damaged sessions.json is kept as sessions.json.bak and a fresh list started; the new
-        session's number then continues after the highest one in logs/metrics.csv, so plots still
-        tell the sessions apart.
-        """
-        sessions, damaged = self._load_sessions()
-        highest = max((s["session"] for s in sessions), default=0)
-        if damaged is not None:
-            try:
-                self.storage.write_bytes(damaged, SESSIONS_BACKUP)
-            except Exception as exc:  # the backup is a courtesy; the rebuilt record matters
-                log.warning("could not keep the damaged %s as %s (%s: %s)", SESSIONS, SESSIONS_BACKUP, type(exc).__name__, exc)
-            highest = max(highest, _highest_logged_session(self.storage))
-        number = highest + 1
-        sessions.append({"session": number, "start_step": start_step, "started_at": _now(), **info})
-        self.storage.write_text(json.dumps(sessions, indent=2), SESSIONS)
-        return number
-
-    def _load_sessions(self) -> tuple[list[dict[str, Any]], Optional[bytes]]:
-        """(usable records, the raw bytes when the file was damaged)."""
-        try:
-            raw = self.storage.read_bytes(SESSIONS)
-        except FileNotFoundError:
-            return [], None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            log.warning("%s is damaged (%s); ignoring it (rebuilt at the next session)", self.storage.display(SESSIONS), _why(exc))
-            return [], raw
-        if not isinstance(data, list):
-            log.warning("%s is damaged (a %s, not a list); ignoring it (rebuilt at the next session)",
-                        self.storage.display(SESSIONS), type(data).__name__)
-            return [], raw
-        records = [r for r in (_clean_session(item) for item in data) if r is not None]
-        if len(records) != len(data):
-            log.warning("%s: ignoring %d damaged record(s)", self.storage.display(SESSIONS), len(data) - len(records))
-            return records, raw
-        return records, None
-
-    # -- helpers -------------------------------------------------------------------------------
     def _read_json(self, *parts: str) -> Any:
-        """A small JSON file, None when absent, `_DAMAGED` (said in one warning line) when unreadable."""
-        try:
-            raw = self.storage.read_bytes(*parts)
-        except FileNotFoundError:
-            return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            log.warning("%s is damaged (%s); ignoring it", self.storage.display(*parts), _why(exc))
-            return _DAMAGED
-
-
-@dataclass(frozen=True)
-class ResumeLabel:
-    """What a resume promised, as the trainer recorded it (portability.ResumeAssessment)."""
-
-    level: str  # bit-exact | sample-exact | approximate
-    reasons: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        """"sample-exact (world size 2 -> 1)": the level with the reasons that say what changed."""
-        return f"{self.level} ({'; '.join(self.reasons)})" if self.reasons else self.level
-
-
-@dataclass(frozen=True)
-class SessionRecord:
-    """One record of sessions.json with the types its readers rely on.
-
-    `resumed_from` and `resume` are None for a session that started fresh, and also in records
-    written before sessions recorded them (`labelled` False): there the exactness is unknown, which
-    is not the same as bit-exact.
-    """
-
-    session: int
-    start_step: Optional[int]
-    resumed_from: Optional[int]
-    resume: Optional[ResumeLabel]
-    labelled: bool  # the record has the `resume` field (None there: no resume happened)
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "SessionRecord":
-        """From a record `_clean_session` accepted; fields of a wrong type read as absent."""
-        resume = record.get("resume")
-        return cls(session=record["session"], start_step=_int_or_none(record.get("start_step")),
-                   resumed_from=_int_or_none(record.get("resumed_from")), resume=_resume_label(resume),
-                   labelled="resume" in record and (resume is None or _resume_label(resume) is not None))
-
-
-def _int_or_none(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _resume_label(value: Any) -> Optional[ResumeLabel]:
-    if not isinstance(value, dict) or not isinstance(value.get("level"), str):
-        return None
-    reasons = value.get("reasons")
-    reasons = reasons if isinstance(reasons, list) else []
-    return ResumeLabel(value["level"], tuple(str(r) for r in reasons))
+        return read_json(self.storage, *parts)
 
 
 def _task_files(task: Task) -> dict[str, bytes]:
@@ -347,32 +246,6 @@ def _task_files(task: Task) -> dict[str, bytes]:
     return files
 
 
-def _clean_session(item: Any) -> Optional[dict[str, Any]]:
-    """A session record with the types readers rely on, or None when it is not one."""
-    if not isinstance(item, dict):
-        return None
-    number = item.get("session")
-    if not isinstance(number, int) or isinstance(number, bool) or number < 0:
-        return None
-    record = dict(item)
-    start = record.get("start_step")
-    if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
-        record.pop("start_step")
-    if "environment" in record and not isinstance(record["environment"], dict):
-        record.pop("environment")
-    return record
-
-
-def _highest_logged_session(storage: Storage) -> int:
-    from resilient_train.metrics import read_rows
-
-    try:
-        rows = read_rows(storage)
-    except Exception:  # no metrics, or unreadable: numbering restarts after the records we have
-        return 0
-    return max((row["session"] for row in rows), default=0)
-
-
 def _is_module_name(name: str) -> bool:
     """A task given as `package.module` (not a path to a .py file)."""
     return not name.endswith(".py") and "/" not in name and os.sep not in name
@@ -382,60 +255,3 @@ def _safe_name(name: str) -> bool:
     """A relative path inside task/ (task.json may come from a shared folder)."""
     norm = posixpath.normpath(name)
     return bool(name) and not name.startswith("/") and not norm.startswith("..") and "\\" not in name and "\x00" not in name
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deep"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# names a run folder keeps at its top level (lease.json: checkpoint/lease.py; micro_batch.json:
-# microbatch.py): what an export must never write into or over
-RUN_OWNED = frozenset({RUN_YAML, RUN_JSON, TASK_DIR, SESSIONS, SESSIONS_BACKUP, "lease.json", "micro_batch.json",
-                       "checkpoints", "logs"})
-
-
-def refuse_run_owned_target(out: str) -> None:
-    """Refuse (UsageError, before anything is written) an output path that is a run's own file or
-    folder, or lies inside a checkpoint: `export RUN RUN/run.yaml` or into `checkpoints/step-N/`
-    would destroy what it exports from. A new name at a run folder's top level
-    (`RUN/model.safetensors`, `RUN/hf/`) is fine.
-
-    Walks from `out` up to the filesystem root looking for `manifest.json` (a checkpoint) and
-    `run.yaml` (a run), stopping at the first run: two `exists` calls per level. A local path is
-    walked as given and as its symlinks resolve (os.path.realpath): `link/task.py`, with `link`
-    pointing at `RUN/task`, writes into the run as surely as `RUN/task/task.py`.
-    """
-    target = Storage(out)
-    local = target.local_path()
-    if local is not None and os.path.realpath(local) != os.path.abspath(local):
-        _refuse_at(Storage(os.path.realpath(local)), out)
-    _refuse_at(target, out)
-
-
-def _refuse_at(target: Storage, out: str) -> None:
-    """refuse_run_owned_target's walk from `target`'s root (messages name `out`, as typed)."""
-    current, below = target.root, cast(list[str], [])  # folder names from the target up to `current`
-    shown = target.url_of
-    while True:
-        if target.fs.exists(posixpath.join(current, MANIFEST)):
-            raise UsageError(f"'{out}' is inside the checkpoint '{shown(current)}'; "
-                             "export to a path outside the run's checkpoints")
-        if target.fs.exists(posixpath.join(current, RUN_YAML)):
-            if not below or below[-1] in RUN_OWNED:
-                owned = below[-1] if below else "the run folder itself"
-                raise UsageError(f"'{out}' would write into the run's own files ({owned}); export to a new name "
-                                 f"in the run folder (e.g. {shown(current)}/export/) or elsewhere")
-            return
-        parent = posixpath.dirname(current)
-        if parent == current or not parent:
-            return
-        below.append(posixpath.basename(current))
-        current = parent
-

@@ -21,12 +21,12 @@ import json
 import logging
 from typing import Any, Optional
 
-from resilient_train.metrics import LOGS, METRICS_CSV, _parse, _rows_text
+from resilient_train.run.metrics import LOGS, METRICS_CSV, _parse, _rows_text
+from resilient_train.run.sessions import SESSIONS
 from resilient_train.storage import Storage
 
 log = logging.getLogger(__name__)
 
-SESSIONS = "sessions.json"
 METRICS = f"{LOGS}/{METRICS_CSV}"
 HISTORY_FILES = (SESSIONS, METRICS)
 

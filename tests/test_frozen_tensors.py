@@ -302,3 +302,51 @@ def test_a_frozen_layer_that_cannot_load_its_own_state_resumes_when_build_reprod
     run = str(tmp_path / "run")
     fit_packed(run, 4)
     assert_same_weights(fit_packed(run, 8).state_dict(), want)  # the packed entry was proven in place, not loaded
+
+
+def _forge_shared_file(run: str, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> str:
+    """Rewrite the largest shared file through `change`, and every manifest's record of it so its
+    size and crc32c match: a hostile edit that passes every checksum. Returns the file's name."""
+    from safetensors.torch import load_file, save
+
+    from resilient_train.checkpoint.manifest import crc32c_hex
+
+    folder = Path(run, "checkpoints", "shared")
+    name = max(shared_names(run), key=lambda n: (folder / n).stat().st_size)
+    data = save(change(load_file(str(folder / name))))
+    (folder / name).write_bytes(data)
+    for manifest_path in Path(run, "checkpoints").glob("step-*/manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        if name in manifest.get("shared", {}):
+            manifest["shared"][name].update({"bytes": len(data), "crc32c": crc32c_hex([data])})
+            manifest_path.write_text(json.dumps(manifest))
+    return name
+
+
+FORGERIES: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "another dtype": lambda tensors: {key: t.double() for key, t in tensors.items()},
+    "another shape": lambda tensors: {key: t.flatten()[: max(1, t.numel() // 2)].clone() for key, t in tensors.items()},
+    "a tensor missing": lambda tensors: dict(list(tensors.items())[1:]) or {"other": torch.zeros(1)},
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_forged_shared_file_that_passes_the_checksums_is_refused_in_one_line(forgery: str, tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    fit(run, 8)
+    name = _forge_shared_file(run, FORGERIES[forgery])
+    assert all(i.status == COMMITTED for i in infos(run))  # its checksums match: only its contents tell
+    before = {i.step: i.manifest for i in infos(run)}
+    with pytest.raises(CheckpointError) as caught:
+        fit(run, 12, base_seed=5)  # a base build() does not reproduce: the forged file would be used
+    message = str(caught.value)
+    assert "\n" not in message and ("step-000000008" in message or name in message)
+    assert {i.step: i.manifest for i in infos(run)} == before  # nothing committed was lost or overwritten
+
+
+def test_a_forged_shared_file_is_not_even_read_when_build_reproduces_the_base(straight: tuple[str, Any], tmp_path: Path) -> None:
+    _, want = straight
+    run = str(tmp_path / "run")
+    fit(run, 8)
+    _forge_shared_file(run, FORGERIES["another dtype"])
+    assert_same_weights(fit(run, 12).state_dict(), want)  # the live base serialises to the recorded name

@@ -422,8 +422,10 @@ def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedChe
     A pretrained base that `build()` loads again is already in the live model: when the live
     tensors of a shared file serialise to the same content name, they are taken as they are and
     the file is not read (a resume from Drive downloads only what changed). Otherwise the file is
-    read and checked; when it is missing or damaged too, the checkpoint fails in one line naming
-    it, and resume falls back to an older one as for any other defect.
+    read and checked, its size and crc32c against the manifest and its tensors against its name
+    (a content address: an edit that forged the checksums still changes it); when it is missing
+    or damaged too, the checkpoint fails in one line naming it, and resume falls back to an older
+    one as for any other defect.
     """
     live = model_state(model)
     by_file: dict[str, list[str]] = {}
@@ -443,7 +445,11 @@ def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedChe
             data = loaded.read_shared(name)
         except CheckpointError as exc:
             raise CheckpointError(f"{loaded.info.path}: {exc}, and the model build() made does not hold its tensors") from None
-        resolved.update(fmt.shared_tensors(data, name, keys))
+        tensors = fmt.shared_tensors(data, name, keys)
+        if group_name(tensors) != name:  # the name is the content's: checksums forged with it still differ
+            raise CheckpointError(f"{loaded.info.path}: shared file {name} does not hold the tensors its name was made "
+                                  "from; the file is corrupt or not ours")
+        resolved.update(tensors)
         read.append(name)
     fmt.complete_model(snapshot, resolved)
     return read

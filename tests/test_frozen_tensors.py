@@ -350,3 +350,36 @@ def test_a_forged_shared_file_is_not_even_read_when_build_reproduces_the_base(st
     fit(run, 8)
     _forge_shared_file(run, FORGERIES["another dtype"])
     assert_same_weights(fit(run, 12).state_dict(), want)  # the live base serialises to the recorded name
+
+
+def test_a_disk_that_fills_while_a_save_places_a_new_shared_file_keeps_the_last_commit(straight: tuple[str, Any]) -> None:
+    import uuid
+
+    from faulty_fs import FaultPlan, forget, install
+
+    def halve_at_step_6(model: Net, call: int) -> None:  # the base changes: the next save needs a new shared file
+        if call == 6:
+            with torch.no_grad():
+                model.base.weight.mul_(0.5)
+
+    probe = f"memory://rt-frozen-size-{uuid.uuid4().hex}/run"
+    url = f"faulty://rt-frozen-full-{uuid.uuid4().hex}/run"
+    try:
+        fit(probe, 4)
+        fs, root = Storage(probe).fs, Storage(probe).root
+        first = sum(fs.size(path) for path in fs.find(root))  # the run with its first checkpoint
+        plan = FaultPlan(quota=first + 2 * 1024 * 1024, quota_root=Storage(url).root)  # not another 4 MiB base
+        with install(plan), pytest.raises(CheckpointError) as caught:
+            fit(url, 12, halve_at_step_6)
+        assert any(w.outcome == "nospace" for w in plan.writes)
+        message = str(caught.value)
+        assert "\n" not in message and "No space" in message and message.endswith("step-000000004")
+        same = url.replace("faulty://", "memory://")
+        listed = infos(same)
+        assert [(i.step, i.status, i.shared_problem) for i in listed] == [(4, COMMITTED, None)]
+        # the failed attempts' new shared files were removed to make room: only what step 4 references is left
+        assert set(CheckpointManager(Storage(same)).shared.listing()) == set(listed[0].manifest["shared"])
+        assert_same_weights(fit(same, 12).state_dict(), straight[1])  # step 4 was taken before the base changed
+    finally:
+        forget(probe)
+        forget(url)

@@ -340,3 +340,15 @@ def test_only_a_config_resolve_made_skips_the_schema():
     assert not by_hand.is_resolved()
     resolved = config.resolve(by_hand)
     assert resolved.is_resolved() and resolved == by_hand
+
+
+def test_a_config_file_whose_section_is_an_unresolvable_interpolation_is_a_usage_error(tmp_path):
+    from pathlib import Path
+
+    from resilient_train.api import run_task
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoint: ${nope}\n")
+    task = str(Path(__file__).parent / "tasks" / "tiny.py")
+    with pytest.raises(UsageError, match="'checkpoint'"):
+        run_task(task, run_dir=str(tmp_path / "run"), config=str(bad))

@@ -383,3 +383,18 @@ def test_a_disk_that_fills_while_a_save_places_a_new_shared_file_keeps_the_last_
     finally:
         forget(probe)
         forget(url)
+
+
+@pytest.mark.parametrize("without_crc32c", ["when written", "when read"])
+def test_shared_files_read_on_a_machine_that_differs_in_google_crc32c_resume_exactly(
+        without_crc32c: str, straight: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resilient_train.checkpoint import manifest
+
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        if without_crc32c == "when written":
+            patch.setattr(manifest, "google_crc32c", None)  # names and records made with sha256
+        fit(run, 8)
+    if without_crc32c == "when read":
+        monkeypatch.setattr(manifest, "google_crc32c", None)  # crc32c names that cannot be recomputed here
+    assert_same_weights(fit(run, 12, base_seed=5).state_dict(), straight[1])  # the shared files are read

@@ -73,7 +73,10 @@ def _names_stop_signals(layer: Any) -> bool:
     """False only when the layer surely leaves `checkpoint.stop_signals` unset."""
     if not hasattr(layer, "get"):
         return True
-    section = layer.get("checkpoint")
+    try:
+        section = layer.get("checkpoint")
+    except Exception:  # noqa: BLE001 - e.g. an interpolation that does not resolve: resolve reports it
+        return True
     if section is None:
         return False
     return not hasattr(section, "keys") or "stop_signals" in section

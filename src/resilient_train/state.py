@@ -445,11 +445,10 @@ def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedChe
             data = loaded.read_shared(name)
         except CheckpointError as exc:
             raise CheckpointError(f"{loaded.info.path}: {exc}, and the model build() made does not hold its tensors") from None
-        tensors = fmt.shared_tensors(data, name, keys)
-        if group_name(tensors) != name:  # the name is the content's: checksums forged with it still differ
-            raise CheckpointError(f"{loaded.info.path}: shared file {name} does not hold the tensors its name was made "
-                                  "from; the file is corrupt or not ours")
-        resolved.update(tensors)
+        try:
+            resolved.update(fmt.shared_tensors(data, name, keys))  # checked against its name too
+        except CheckpointError as exc:
+            raise CheckpointError(f"{loaded.info.path}: {exc}") from None
         read.append(name)
     fmt.complete_model(snapshot, resolved)
     return read

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from resilient_train.checkpoint import codec, tensorfile
-from resilient_train.checkpoint.frozen import FrozenPlanner, ModelInfo, SharedGroup
+from resilient_train.checkpoint.frozen import FrozenPlanner, ModelInfo, SharedGroup, holds_its_name
 from resilient_train.checkpoint.jsonio import describe
 from resilient_train.checkpoint.manifest import SHARED_NAME
 from resilient_train.checkpoint.shared import SharedFiles, logical
@@ -249,12 +249,16 @@ def _add_shared(model: dict[str, torch.Tensor], files: Mapping[str, Union[bytes,
 
 
 def shared_tensors(data: Union[bytes, bytearray], name: str, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors `keys` from a shared file's bytes (CheckpointError when one is not there)."""
+    """The tensors `keys` from a shared file's bytes: all there, and the ones its name was made
+    from (CheckpointError otherwise). Every read of a shared file (resume, export, verify) comes here."""
     tensors = codec.tensors_from_bytes(data, name)
     absent = [key for key in keys if key not in tensors]
     if absent:
         raise CheckpointError(f"shared file {name} does not hold '{absent[0][:200]}'; the checkpoint is corrupt or not ours")
-    return {key: tensors[key] for key in keys}
+    wanted = {key: tensors[key] for key in keys}
+    if not holds_its_name(wanted, name):
+        raise CheckpointError(f"shared file {name} does not hold the tensors its name was made from; the file is corrupt or not ours")
+    return wanted
 
 
 def complete_model(snapshot: Snapshot, resolved: dict[str, torch.Tensor]) -> None:

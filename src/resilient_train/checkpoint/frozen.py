@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from resilient_train.checkpoint import tensorfile
+from resilient_train.checkpoint import manifest, tensorfile
 from resilient_train.checkpoint.manifest import file_record
 from resilient_train.checkpoint.shared import Placed, SharedFiles
 
@@ -155,7 +155,22 @@ def _bin(key: str, bins: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") % bins
 
 
-def group_name(tensors: dict[str, torch.Tensor]) -> str:
-    """The name `place` gives these tensors (a resume asks it of the model `build()` made)."""
+def group_name(tensors: dict[str, torch.Tensor], kind: Optional[str] = None) -> str:
+    """The name `place` gives these tensors (a resume asks it of the model `build()` made);
+    `kind="sha256"`: the name a machine without google-crc32c gives them."""
     chunks = tensorfile.serialize(tensors)
-    return content_name(chunks, file_record(chunks))
+    return content_name(chunks, file_record(chunks, kind))
+
+
+def holds_its_name(tensors: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether a shared file's tensors are the ones its name was made from (the name is a content
+    address, so an edit that also forged the manifest's size and checksum still changes it).
+
+    True where it cannot be computed here: a name made with crc32c read where google-crc32c is
+    missing (sizes and the other checks still apply, as for any file then).
+    """
+    if group_name(tensors) == name:
+        return True
+    if manifest.google_crc32c is None:
+        return True  # the name may have been made with a crc32c that cannot be computed here
+    return group_name(tensors, "sha256") == name  # written where google-crc32c was missing

@@ -71,11 +71,12 @@ def _chunks(data: Union[Buffer, Iterable[Buffer]]) -> list[Buffer]:
     return [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
 
 
-def file_record(data: Union[Buffer, Iterable[Buffer]]) -> dict[str, Any]:
-    """Size and checksum of one file's bytes, as the manifest stores them."""
+def file_record(data: Union[Buffer, Iterable[Buffer]], kind: Optional[str] = None) -> dict[str, Any]:
+    """Size and checksum of one file's bytes, as the manifest stores them: crc32c where
+    google-crc32c is installed, else sha256 (or the `kind` asked for)."""
     chunks = _chunks(data)
     size = sum(len(c) for c in chunks)
-    if google_crc32c is not None:
+    if kind != "sha256" and google_crc32c is not None:
         return {"bytes": size, "crc32c": crc32c_hex(chunks)}
     digest = hashlib.sha256()
     for chunk in chunks:

@@ -254,8 +254,15 @@ class RunConfig:
         return self.__dict__.get("_resolved_key") == self.fields_key()
 
     def fields_key(self) -> str:
-        """Every field's value, as text that differs whenever one does (1, 1.0 and True included)."""
-        return repr(dataclasses.asdict(self))
+        """Every field's value and type, as text that differs whenever one does (1, 1.0, True and
+        a NumPy integer included)."""
+        return _typed_text(dataclasses.asdict(self))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the derived forms (they are recomputed on demand)."""
+        state = dict(self.__dict__)
+        state.pop("_memo", None)
+        return state
 
     def _derived(self, name: str, compute: Callable[[], Any]) -> Any:
         """`compute()`, kept until a field of this config changes.
@@ -270,6 +277,14 @@ class RunConfig:
         if held is None or held[0] != key:
             held = memo[name] = (key, compute())
         return held[1]
+
+
+def _typed_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {_typed_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[" + ", ".join(_typed_text(item) for item in value) + "]"
+    return f"{type(value).__module__}.{type(value).__qualname__}:{value!r}"
 
 
 # the sections whose field names are config keys (`task` is the user's own, free-form)

@@ -2,75 +2,122 @@
 
 `np.random.get_state()` and `set_state()` copy the 624-word Mersenne Twister key element by
 element: together ~80 us, paid on every micro-batch (seeding.py), which was the largest per-step
-cost of the loop on a small model. When nothing drew from NumPy since the last fetch (the usual
-case: the training step does not use it) the state is the one this module put back, so it is
-saved and restored as raw bytes through the bit generator's documented `ctypes.state_address`.
+cost of the loop on a small model. The same state is a few fixed-size fields in memory: the key
+and position, at the bit generator's documented `ctypes.state_address`, and the legacy `randn`
+cache (`has_gauss`, then `gauss`) inside the RandomState object, which NumPy does not expose.
+This module saves and restores exactly those bytes.
 
-The bytes are the key and position only; the legacy `randn` cache (`has_gauss`, `gauss`) is not
-reachable that way. The fast path is therefore taken only when that cache is known to be empty:
-`np.random.seed` empties it, and a non-empty cache can only have been filled by a draw, which
-moves the key or position, so "bytes equal to what was last restored with an empty cache" proves
-both. Anything else goes through `get_state`/`set_state`, as before. The layout is checked once
-against `get_state` before the fast path is ever used.
+Nothing is assumed about that layout: before the first fast save, `_Layout.prove` sets known
+states through `set_state` and finds each field where `get_state` says it is (the key bytes at
+the address, two distinct marker values of `gauss` at one offset with `has_gauss` beside them),
+then puts the state back. Any other NumPy, bit generator or layout keeps the plain
+`get_state`/`set_state` round trip. tests/test_seeded_fetch.py compares the two draw for draw.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 import sys
 from typing import Any, Optional
 
-_KEY_WORDS = 624
-_STATE_BYTES = _KEY_WORDS * 4 + 4  # uint32 key[624]; int pos
+_KEY_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
+_GAUSS_FIELDS = 16  # int has_gauss, padding, double gauss
+_MARKS = (1.2345678901234567, -9.876543210987654)
+
+
+class _Layout:
+    """Where one RandomState keeps its state (proven against `get_state`), or why it is not known."""
+
+    def __init__(self, state: Any, key_address: int, flag_offset: int) -> None:
+        self.state = state
+        self.key_address = key_address
+        self.flag_address = id(state) + flag_offset
+
+    @classmethod
+    def prove(cls, np: Any, state: Any) -> Optional["_Layout"]:
+        """The layout of `state` when every field is found exactly; None otherwise (slow path)."""
+        try:
+            if not isinstance(state, np.random.RandomState):
+                return None
+            key_address = int(state._bit_generator.ctypes.state_address)
+            saved = state.get_state()
+        except Exception:  # no ctypes interface, another bit generator: the slow path
+            return None
+        try:
+            offset = _gauss_offset(state, saved)
+            if offset is None or not _key_matches(np, key_address, saved):
+                return None
+            return cls(state, key_address, offset - 8)
+        except Exception:
+            return None
+        finally:
+            state.set_state(saved)
+
+
+def _gauss_offset(state: Any, saved: tuple) -> Optional[int]:
+    """The offset of `gauss` in the object, where `has_gauss` (an int 8 bytes before) reads 1 or 0 as set."""
+    size = type(state).__basicsize__
+    offsets = set()
+    for mark in _MARKS:
+        state.set_state(saved[:3] + (1, mark))
+        raw = ctypes.string_at(id(state), size)
+        packed = struct.pack("d", mark)
+        if raw.count(packed) != 1:
+            return None
+        offset = raw.find(packed)
+        if offset < 8 or struct.unpack_from("i", raw, offset - 8)[0] != 1:
+            return None
+        offsets.add(offset)
+    if len(offsets) != 1:
+        return None
+    offset = offsets.pop()
+    state.set_state(saved[:3] + (0, 0.0))
+    if struct.unpack_from("i", ctypes.string_at(id(state), size), offset - 8)[0] != 0:
+        return None
+    return offset
+
+
+def _key_matches(np: Any, address: int, saved: tuple) -> bool:
+    _, key, pos, _, _ = saved
+    expected = np.asarray(key, dtype=np.uint32).tobytes() + int(pos).to_bytes(4, sys.byteorder, signed=True)
+    return ctypes.string_at(address, _KEY_BYTES) == expected
 
 
 class NumpyRng:
-    """Saves and restores `numpy.random`'s global (legacy) state around one seeded fetch."""
+    """Saves, seeds and restores the RandomState behind `numpy.random`'s module functions."""
 
     def __init__(self, np: Any) -> None:
         self._np = np
-        self._generator: Any = None  # the bit generator `_address` points into
-        self._address = 0
-        self._restored: Optional[bytes] = None  # bytes last put back with an empty gauss cache
+        self._layout: Optional[_Layout] = None
+        self._tried: Any = None  # the (state, bit generator) pair `_layout` was proven for
 
-    def save(self) -> Any:
-        """What `restore` needs: raw bytes (fast) or the full legacy state tuple."""
-        address = self._fast_address()
-        if address:
-            raw = ctypes.string_at(address, _STATE_BYTES)
-            if raw == self._restored:
-                return raw
-            full = self._np.random.get_state()
-            return raw if full[3] == 0 else full
-        return self._np.random.get_state()
+    def save(self) -> tuple:
+        """What `restore` needs: the proven layout and its raw fields, or (None, the legacy state)."""
+        layout = self._current()
+        if layout is None:
+            return (None, self._np.random.get_state())
+        return (layout, ctypes.string_at(layout.key_address, _KEY_BYTES), ctypes.string_at(layout.flag_address, _GAUSS_FIELDS))
 
     def seed(self, seed: int) -> None:
-        self._np.random.seed(seed)
-
-    def restore(self, saved: Any) -> None:
-        if isinstance(saved, bytes):
-            self._np.random.seed(0)  # empties the gauss cache; the key is overwritten next
-            ctypes.memmove(self._address, saved, _STATE_BYTES)
-            self._restored = saved
+        layout = self._current()
+        if layout is None:
+            self._np.random.seed(seed)
         else:
-            self._np.random.set_state(saved)
-            self._restored = None
+            layout.state.seed(seed)  # the object the module functions draw from (np.random.seed may not be)
 
-    def _fast_address(self) -> int:
-        """The state struct's address, or 0 where the fast path cannot be proven for this NumPy."""
-        generator = getattr(getattr(self._np.random, "mtrand", None), "_rand", None)
-        generator = getattr(generator, "_bit_generator", None)
-        if generator is not self._generator:
-            self._generator, self._address, self._restored = generator, _checked_address(self._np, generator), None
-        return self._address
+    def restore(self, saved: tuple) -> None:
+        layout = saved[0]
+        if layout is None:
+            self._np.random.set_state(saved[1])
+        else:
+            ctypes.memmove(layout.key_address, saved[1], _KEY_BYTES)
+            ctypes.memmove(layout.flag_address, saved[2], _GAUSS_FIELDS)
 
-
-def _checked_address(np: Any, generator: Any) -> int:
-    """The MT19937 state address, if its bytes are exactly key then position (else 0)."""
-    try:
-        address = int(generator.ctypes.state_address)
-        _, key, pos, _, _ = np.random.get_state()
-        expected = np.asarray(key, dtype=np.uint32).tobytes() + int(pos).to_bytes(4, sys.byteorder, signed=True)
-        return address if ctypes.string_at(address, _STATE_BYTES) == expected else 0
-    except Exception:  # no ctypes interface, another bit generator, another layout: slow path
-        return 0
+    def _current(self) -> Optional[_Layout]:
+        """The proven layout of the RandomState `np.random.get_state` reads, proven once per object."""
+        state = getattr(self._np.random.get_state, "__self__", None)
+        key = (state, getattr(state, "_bit_generator", None))
+        if self._tried is None or self._tried[0] is not key[0] or self._tried[1] is not key[1]:
+            self._tried, self._layout = key, _Layout.prove(self._np, state)
+        return self._layout

@@ -79,7 +79,7 @@ class FeistelOrder:
         operations whatever its length, and a 10-pass tail of a handful of values was most of the
         time of a small epoch. `_permute` is the same arithmetic on ints and on tensors.
         """
-        out = self._permute(index.to(torch.int64))
+        out = self._permute(index.to(torch.int64).reshape(-1))
         pending = (out >= self.n).nonzero().squeeze(1)
         values = out[pending]
         while pending.numel() > _PYTHON_TAIL:
@@ -88,8 +88,8 @@ class FeistelOrder:
             out[pending[inside]] = values[inside]
             pending, values = pending[~inside], values[~inside]
         if pending.numel():
-            out[pending] = torch.tensor([self._walk(value) for value in values.tolist()], dtype=torch.int64)
-        return out
+            out[pending] = torch.tensor([self._walk(value) for value in values.tolist()], dtype=torch.int64, device=out.device)
+        return out.reshape(index.shape)
 
     def _walk(self, value: int) -> int:
         value = self._permute(value)

@@ -43,16 +43,15 @@ class ForwardBackward:
         if self.chunking is not None:
             return self._chunked(self.chunking, progress, window)
         fabric, model, micro_batches = self.fabric, self.model, self.micro_batches
-        loss_sum: Optional[torch.Tensor] = None
+        loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(micro_batches):
             batch = fabric.to_device(self.stream.next())
             with fabric.no_backward_sync(model, enabled=micro != micro_batches - 1):
                 loss, extras = split_output(self.step_fn(model, batch))
                 fabric.backward(loss / micro_batches if micro_batches > 1 else loss)  # x / 1 == x: no op to pay
-            loss_sum = _accumulate(loss_sum, loss.detach())
+            loss_sum += loss.detach()
             window.add(extras)
             progress.samples_seen += self.stream.last_consumed
-        assert loss_sum is not None  # micro_batches >= 1
         return loss_sum
 
     def _load(self, progress: state_lib.Progress) -> tuple[Any, int]:
@@ -113,10 +112,3 @@ class ForwardBackward:
                 window.add(extras, weight)
         return loss_sum
 
-
-def _accumulate(total: Optional[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """`total + loss` with the value `zeros(()) + loss + ...` would have: the first loss is only
-    promoted to at least float32 (adding it to a zero is exact), which saves two ops per step."""
-    if total is None:
-        return loss.to(torch.promote_types(torch.float32, loss.dtype))
-    return total + loss

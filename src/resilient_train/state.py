@@ -419,13 +419,11 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedCheckpoint) -> list[str]:
     """Fill the shared tensors a checkpoint was loaded without; returns the shared files read.
 
-    A pretrained base that `build()` loads again is already in the live model: when the live
-    tensors of a shared file serialise to the same content name, they are taken as they are and
-    the file is not read (a resume from Drive downloads only what changed). Otherwise the file is
-    read and checked, its size and crc32c against the manifest and its tensors against its name
-    (a content address: an edit that forged the checksums still changes it); when it is missing
-    or damaged too, the checkpoint fails in one line naming it, and resume falls back to an older
-    one as for any other defect.
+    A base that `build()` loads again is already in the live model: when the live tensors of a
+    shared file serialise to its content name, they are taken and the file is not read (a resume
+    from Drive downloads only what changed). Otherwise the file is read and checked (size, crc32c,
+    its tensors against its name); a missing or damaged one fails the checkpoint in one line
+    naming it, and resume falls back to an older one as for any other defect.
     """
     live = model_state(model)
     by_file: dict[str, list[str]] = {}
@@ -441,14 +439,10 @@ def resolve_shared(snapshot: Snapshot, model: torch.nn.Module, loaded: LoadedChe
             continue
         if loaded.read_shared is None:
             raise CheckpointError(f"{loaded.info.path}: shared file {name} was not read")
-        try:
-            data = loaded.read_shared(name)
+        try:  # checked: size and crc32c against the manifest, its tensors against its name
+            resolved.update(fmt.shared_tensors(loaded.read_shared(name), name, keys))
         except CheckpointError as exc:
             raise CheckpointError(f"{loaded.info.path}: {exc}, and the model build() made does not hold its tensors") from None
-        try:
-            resolved.update(fmt.shared_tensors(data, name, keys))  # checked against its name too
-        except CheckpointError as exc:
-            raise CheckpointError(f"{loaded.info.path}: {exc}") from None
         read.append(name)
     fmt.complete_model(snapshot, resolved)
     return read

@@ -331,7 +331,8 @@ FORGERIES: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("forgery", sorted(FORGERIES))
-def test_a_forged_shared_file_that_passes_the_checksums_is_refused_in_one_line(forgery: str, tmp_path: Path) -> None:
+def test_a_forged_shared_file_that_passes_the_checksums_is_refused_in_one_line(
+        forgery: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = str(tmp_path / "run")
     fit(run, 8)
     name = _forge_shared_file(run, FORGERIES[forgery])
@@ -342,6 +343,8 @@ def test_a_forged_shared_file_that_passes_the_checksums_is_refused_in_one_line(f
     message = str(caught.value)
     assert "\n" not in message and ("step-000000008" in message or name in message)
     assert {i.step: i.manifest for i in infos(run)} == before  # nothing committed was lost or overwritten
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping checkpoint")]
+    assert len(skipped) == 2 and all(m.count("step-0000000") == 1 for m in skipped)  # each names its checkpoint once
 
 
 def test_a_forged_shared_file_is_not_even_read_when_build_reproduces_the_base(straight: tuple[str, Any], tmp_path: Path) -> None:

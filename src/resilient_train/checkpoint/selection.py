@@ -71,6 +71,7 @@ def load_newest_valid(
 
 
 def _skip(info: CheckpointInfo, reason: str, on_skip: Optional[Callable[[CheckpointInfo, str], None]]) -> None:
+    reason = reason.removeprefix(f"{info.path}: ")  # errors that name the checkpoint themselves: said once
     log.warning("skipping checkpoint %s: %s", info.path, reason)
     if on_skip is not None:
         on_skip(info, reason)

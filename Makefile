@@ -31,8 +31,9 @@ demo: bytecode
 test: bytecode
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# the same two workers (serial: ~3 min on two cores, over its budget as the suite grew)
 test-fast: bytecode
-	$(PY) -m pytest -q -m 'not slow and not gpu'
+	$(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow and not gpu'
 
 # ruff and mypy (dev extras); both read their settings from pyproject.toml
 lint: $(STAMP)

@@ -27,7 +27,7 @@ _MARKS = (1.2345678901234567, -9.876543210987654)
 
 
 class _Layout:
-    """Where one RandomState keeps its state (proven against `get_state`), or why it is not known."""
+    """Where one RandomState keeps its state, as `prove` found it against `get_state`."""
 
     def __init__(self, state: Any, key_address: int, flag_offset: int) -> None:
         self.state = state

@@ -49,3 +49,41 @@ def test_a_killed_dataloader_worker_is_said_and_not_blamed_on_the_csv(tmp_path: 
     assert "a DataLoader worker was killed by a signal" in caplog.text, caplog.text
     assert "could not write logs/metrics.csv" not in caplog.text
     assert logger._pending  # the row is written at the next flush
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", ["by the model", "by the data"])
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers_exits_75_and_resumes_exactly(bound: str, tmp_path: Path) -> None:
+    # what `docker stop`, Kubernetes and a terminal's Ctrl-C deliver: the signal reaches the run and
+    # its DataLoader workers at once; the workers die of it, the run must still save and say 75
+    import os
+
+    from conftest import TINY_TASK, committed_steps_on_disk, start_cli, wait_for
+    from helpers import assert_same_weights, run_cli_inprocess
+    from safetensors.torch import load_file
+
+    # by the model: the loop is in its step when the signal comes, and saves at the step's end;
+    # by the data: it waits on its workers, which die of the signal before the batch is ready, so
+    # that step cannot finish (StoppedMidStep) and resume starts from the newest checkpoint
+    slow = "task.sleep=0.03" if bound == "by the model" else "task.fetch_sleep=0.02"
+    settings = ["trainer.max_steps=24", "checkpoint.every_n_steps=4", "checkpoint.keep_last=null", slow, "trainer.num_workers=2"]
+    straight = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "group"
+    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *settings)  # its own process group
+    wait_for(lambda: proc.poll() is not None or committed_steps_on_disk(run_dir))
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "Traceback" not in err
+    said = "stopped at step" if bound == "by the model" else "stopped during step"
+    assert said in err, err[-2000:]
+    step = committed_steps_on_disk(run_dir)[-1]
+    assert 4 <= step < 24
+
+    resumed = run_cli_inprocess("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("straight", "group"):
+        run_cli_inprocess("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
+    assert_same_weights(load_file(str(tmp_path / "group.safetensors")), load_file(str(tmp_path / "straight.safetensors")))

@@ -6,6 +6,8 @@ target not found, 75 stopped early after a committed checkpoint (a supervisor re
 
 from __future__ import annotations
 
+from typing import Optional
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -60,6 +62,21 @@ class TrainingStopped(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"
+
+
+class StoppedMidStep(TrainingStopped):
+    """A stop whose signal also killed the DataLoader workers while a step still needed a batch:
+    that step cannot finish, and its half-done state (RNG streams, data position) is not a step
+    boundary, so nothing new is saved; exit 75, and resume starts from the newest checkpoint."""
+
+    def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0) -> None:
+        super().__init__(step, reason, rank=rank)
+        self.last_checkpoint = last_checkpoint
+
+    def __str__(self) -> str:
+        return (f"stopped during step {self.step + 1} ({self.reason}): the signal reached the DataLoader workers too, "
+                f"so the step could not finish and nothing new was saved; resume continues from "
+                f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
 
 
 class StoppedBeforeTraining(TrainingStopped):

@@ -112,7 +112,31 @@ class StopRequest:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
+        _quiet_worker_deaths()
 
     def request(self, reason: str) -> None:
         """Ask the loop to stop for a reason other than a signal (a deadline)."""
         self.reason = self.reason or reason
+
+
+def _quiet_worker_deaths() -> None:
+    """After a stop signal, DataLoader workers killed by the same signal are expected: Docker,
+    Kubernetes and Ctrl-C in a terminal signal the whole process group. torch's SIGCHLD handler
+    would raise its RuntimeError into the main thread wherever it is (mid-step, mid-save) and end
+    the run with 1; wrapped, it raises nothing, and the loop stops at the step boundary as asked.
+    A worker lost without a stop still fails the DataLoader's own next fetch.
+    """
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if not callable(current) or getattr(current, "quiet_after_stop", False):
+        return
+
+    def quiet(signum: int, frame: Optional[FrameType]) -> None:
+        try:
+            current(signum, frame)
+        except RuntimeError:
+            pass  # a worker died of the stop signal
+
+    quiet.quiet_after_stop = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, quiet)

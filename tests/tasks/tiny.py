@@ -12,6 +12,7 @@ an earlier chunk of the same optimizer step may already have put gradients in pl
 smaller GPU does to a micro-batch that fit a larger one. `task.kill_at` SIGKILLs the process
 of global rank `task.kill_rank` at that call, in the first incarnation of a torchrun worker group
 only (TORCHELASTIC_RESTART_COUNT 0): a worker that dies, for torchrun to restart.
+`task.fetch_sleep` slows every sample's fetch (a data-bound run: the loop waits on its workers).
 """
 
 import os
@@ -22,14 +23,15 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False, "fetch_sleep": 0.0},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
 
 
 class IndexedData(torch.utils.data.Dataset):
-    def __init__(self, n: int, dim: int) -> None:
+    def __init__(self, n: int, dim: int, fetch_sleep: float = 0.0) -> None:
+        self.fetch_sleep = fetch_sleep
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         self.y = (self.x.sum(dim=1, keepdim=True) > 0).float()
@@ -38,6 +40,8 @@ class IndexedData(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int):
+        if self.fetch_sleep:
+            time.sleep(self.fetch_sleep)
         return {"x": self.x[i], "y": self.y[i], "index": i}
 
 
@@ -75,6 +79,6 @@ def build(cfg):
         "model": model,
         "optimizer": lambda params: torch.optim.AdamW(params, lr=t.lr),
         "scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5),
-        "train_data": IndexedData(t.n, t.dim),
+        "train_data": IndexedData(t.n, t.dim, t.get("fetch_sleep", 0.0)),
         "training_step": training_step,
     }

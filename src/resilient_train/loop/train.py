@@ -16,7 +16,7 @@ from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import format as fmt
 from resilient_train.config import TrainerConfig
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
-from resilient_train.errors import TrainingStopped
+from resilient_train.errors import StoppedMidStep, TrainingStopped
 from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
@@ -36,7 +36,7 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
     val_loss: Optional[float] = None
     with _closing(window, agreement):
         while progress.step < tcfg.max_steps and not _epochs_done(tcfg, s.stream):
-            loss_sum = session.forward_backward.run(progress, window.custom)
+            loss_sum = _forward_backward(session, window)
             saver.before_update()  # a background save finishes copying the state first
             if tcfg.gradient_clip_val is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=tcfg.gradient_clip_val)
@@ -74,6 +74,21 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
     recorded = session.resumed.metrics
     return (loss if loss is not None else _finite(recorded.get("loss")),
             val_loss if val_loss is not None else _finite(recorded.get("val_loss")))
+
+
+def _forward_backward(session: Session, window: LogWindow) -> Any:
+    """The step's forward and backward passes; a stop whose signal killed the DataLoader workers
+    before the step had its batches ends the run here (StoppedMidStep, exit 75, nothing saved)."""
+    try:
+        return session.forward_backward.run(session.progress, window.custom)
+    except RuntimeError as exc:
+        if session.stop.reason is None or "DataLoader worker" not in str(exc):
+            raise
+    session.saver.finish()
+    fabric = session.setup.fabric
+    stopped = StoppedMidStep(session.progress.step, session.stop.reason, session.saver.last_path, rank=fabric.global_rank)
+    info(fabric, str(stopped))
+    raise stopped
 
 
 def _capture(session: Session) -> fmt.Snapshot:

@@ -87,3 +87,32 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers_exits_75_and
     for name in ("straight", "group"):
         run_cli_inprocess("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
     assert_same_weights(load_file(str(tmp_path / "group.safetensors")), load_file(str(tmp_path / "straight.safetensors")))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_during_validation_saves_the_step_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
+    import os
+
+    from conftest import TINY_TASK, committed_steps_on_disk, start_cli, wait_for
+    from helpers import assert_same_weights, run_cli_inprocess
+    from safetensors.torch import load_file
+
+    settings = ["trainer.max_steps=16", "checkpoint.every_n_steps=4", "checkpoint.keep_last=null", "trainer.val_every_n_steps=4",
+                "task.val_workers=2", "task.val_fetch_sleep=0.05"]
+    straight = run_cli_inprocess("run", TINY_TASK, "--run-dir", str(tmp_path / "straight"), *settings)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir, marker = tmp_path / "group", tmp_path / "validating"
+    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *settings, f"task.val_marker={marker}")
+    wait_for(lambda: proc.poll() is not None or marker.exists())  # the first validation (step 4) has begun
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "validation cut short" in err and "stopped at step 4" in err and "Traceback" not in err, err[-2000:]
+    assert committed_steps_on_disk(run_dir) == [4]  # the step was whole: saved
+
+    resumed = run_cli_inprocess("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("straight", "group"):
+        run_cli_inprocess("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
+    assert_same_weights(load_file(str(tmp_path / "group.safetensors")), load_file(str(tmp_path / "straight.safetensors")))

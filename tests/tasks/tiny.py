@@ -13,6 +13,9 @@ smaller GPU does to a micro-batch that fit a larger one. `task.kill_at` SIGKILLs
 of global rank `task.kill_rank` at that call, in the first incarnation of a torchrun worker group
 only (TORCHELASTIC_RESTART_COUNT 0): a worker that dies, for torchrun to restart.
 `task.fetch_sleep` slows every sample's fetch (a data-bound run: the loop waits on its workers).
+`task.val_workers` adds validation data: a DataLoader with that many workers, each sample taking
+`task.val_fetch_sleep`; `task.val_marker` names a file the validation workers create when they
+start fetching (a test waits for it to signal a run in the middle of its validation).
 """
 
 import os
@@ -23,15 +26,15 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False, "fetch_sleep": 0.0},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
 
 
 class IndexedData(torch.utils.data.Dataset):
-    def __init__(self, n: int, dim: int, fetch_sleep: float = 0.0) -> None:
-        self.fetch_sleep = fetch_sleep
+    def __init__(self, n: int, dim: int, fetch_sleep: float = 0.0, marker: str = "") -> None:
+        self.fetch_sleep, self.marker = fetch_sleep, marker
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         self.y = (self.x.sum(dim=1, keepdim=True) > 0).float()
@@ -40,6 +43,8 @@ class IndexedData(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int):
+        if self.marker:
+            open(self.marker, "a").close()
         if self.fetch_sleep:
             time.sleep(self.fetch_sleep)
         return {"x": self.x[i], "y": self.y[i], "index": i}
@@ -75,7 +80,12 @@ def build(cfg):
             loss = loss + 1e-6 * model.ballast.square().mean() + 1e-6 * model.ballast.sum()
         return loss
 
+    extra = {}
+    if t.get("val_workers", 0):
+        extra["val_data"] = torch.utils.data.DataLoader(IndexedData(64, t.dim, t.val_fetch_sleep, t.val_marker), batch_size=8,
+                                                        num_workers=t.val_workers)
     return {
+        **extra,
         "model": model,
         "optimizer": lambda params: torch.optim.AdamW(params, lr=t.lr),
         "scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5),

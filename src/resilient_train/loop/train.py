@@ -55,7 +55,7 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
             if window.due(step, last_step):
                 loss = window.close(step, progress.epoch, loss_sum, s.micro_batches, optimizer.param_groups[0]["lr"])
             if s.val_loader is not None and ((tcfg.val_every_n_steps and step % tcfg.val_every_n_steps == 0) or last_step):
-                val_loss = _validate(session, metrics)
+                val_loss = _validate(session, metrics, val_loss)
             if deadline is not None and deadline.expired(saver.slowest_save):
                 session.stop.request("session budget")
             # no host sync per step: under DDP these are the flags all ranks raised a step ago
@@ -97,11 +97,19 @@ def _capture(session: Session) -> fmt.Snapshot:
     return state_lib.capture(p.model, p.optimizer, p.scheduler, p.scaler, session.progress, data=session.setup.stream.state_dict())
 
 
-def _validate(session: Session, metrics: Optional[MetricsLogger]) -> float:
+def _validate(session: Session, metrics: Optional[MetricsLogger], last: Optional[float]) -> Optional[float]:
     """Validate, keep the best val_loss in the progress record, and report it with the val_<name>
-    averages of the metrics training_step returns."""
+    averages of the metrics training_step returns. A validation whose DataLoader workers died of
+    the stop signal is not recorded (`last` is kept); training's state is untouched by it, so the
+    run still saves at this step."""
     s, progress = session.setup, session.progress
-    values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
+    try:
+        values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
+    except RuntimeError as exc:
+        if session.stop.reason is None or "DataLoader worker" not in str(exc):
+            raise
+        info(s.fabric, f"step {progress.step}: validation cut short ({session.stop.reason} reached its DataLoader workers); not recorded")
+        return last
     val_loss = values["val_loss"]
     best = progress.best.get("val_loss")
     if best is None or val_loss < best:

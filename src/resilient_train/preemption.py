@@ -118,6 +118,11 @@ class StopRequest:
         """Ask the loop to stop for a reason other than a signal (a deadline)."""
         self.reason = self.reason or reason
 
+    def explains(self, exc: BaseException) -> bool:
+        """Whether `exc` is a DataLoader worker's death this stop caused: the signal went to the
+        whole process group, the workers died of it, and the loader noticed (torch's own words)."""
+        return self.reason is not None and isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
 
 def _quiet_worker_deaths() -> None:
     """After a stop signal, DataLoader workers killed by the same signal are expected: Docker,

@@ -250,7 +250,7 @@ def _add_shared(model: dict[str, torch.Tensor], files: Mapping[str, Union[bytes,
 
 def shared_tensors(data: Union[bytes, bytearray], name: str, keys: list[str]) -> dict[str, torch.Tensor]:
     """The tensors `keys` from a shared file's bytes: all there, and the ones its name was made
-    from (CheckpointError otherwise). Every read of a shared file (resume, export, verify) comes here."""
+    from (CheckpointError otherwise). Resume and export read shared files through here."""
     tensors = codec.tensors_from_bytes(data, name)
     absent = [key for key in keys if key not in tensors]
     if absent:

@@ -163,8 +163,10 @@ def group_name(tensors: dict[str, torch.Tensor], kind: Optional[str] = None) -> 
 
 
 def holds_its_name(tensors: dict[str, torch.Tensor], name: str) -> bool:
-    """Whether a shared file's tensors are the ones its name was made from (the name is a content
-    address, so an edit that also forged the manifest's size and checksum still changes it).
+    """Whether a shared file's tensors are the ones its name was made from. The name covers the
+    crc32c, the size and sampled bytes, so an edit that also forged the manifest's size and
+    checksum still changes it, unless it keeps every sampled byte and forges the crc32c too (the
+    name is not a cryptographic digest: that would cost a full sha256 of the base at every save).
 
     True where it cannot be computed here: a name made with crc32c read where google-crc32c is
     missing (sizes and the other checks still apply, as for any file then).

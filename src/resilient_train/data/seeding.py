@@ -8,6 +8,7 @@ own RNG streams are put back afterwards. Shared by map-style and iterable source
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -31,22 +32,14 @@ class BatchKey(NamedTuple):
     seed: int
 
 
-_numpy_rng: Optional[NumpyRng] = None
-_numpy_checked = False
-
-
+@functools.cache
 def _numpy() -> Optional[NumpyRng]:
     """NumPy's global RNG guard, or None where NumPy is not installed (looked up once)."""
-    global _numpy_rng, _numpy_checked
-    if not _numpy_checked:
-        try:
-            import numpy
-        except ImportError:
-            _numpy_rng = None
-        else:
-            _numpy_rng = NumpyRng(numpy)
-        _numpy_checked = True
-    return _numpy_rng
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return NumpyRng(numpy)
 
 
 @contextlib.contextmanager

@@ -111,4 +111,3 @@ class ForwardBackward:
                 loss_sum += loss.detach() * weight
                 window.add(extras, weight)
         return loss_sum
-

@@ -82,11 +82,11 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
     try:
         return session.forward_backward.run(session.progress, window.custom)
     except RuntimeError as exc:
-        if session.stop.reason is None or "DataLoader worker" not in str(exc):
+        if not session.stop.explains(exc):
             raise
     session.saver.finish()
     fabric = session.setup.fabric
-    stopped = StoppedMidStep(session.progress.step, session.stop.reason, session.saver.last_path, rank=fabric.global_rank)
+    stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path, rank=fabric.global_rank)
     info(fabric, str(stopped))
     raise stopped
 
@@ -106,7 +106,7 @@ def _validate(session: Session, metrics: Optional[MetricsLogger], last: Optional
     try:
         values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
     except RuntimeError as exc:
-        if session.stop.reason is None or "DataLoader worker" not in str(exc):
+        if not session.stop.explains(exc):
             raise
         info(s.fabric, f"step {progress.step}: validation cut short ({session.stop.reason} reached its DataLoader workers); not recorded")
         return last

@@ -16,6 +16,7 @@ import torch
 
 from resilient_train.data import seeding
 from resilient_train.data.numpy_rng import NumpyRng
+from resilient_train.data.python_rng import PythonRng
 
 
 def _reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
@@ -155,3 +156,84 @@ def test_a_seeded_fetch_restores_python_torch_and_numpy_streams() -> None:
     with seeding.seeded(42):
         again = (random.random(), torch.rand(2).tolist(), np.random.rand())
     assert again == inside  # a batch's randomness is a function of its seed alone
+
+
+# -- Python's `random` (data/python_rng.py) ----------------------------------------------------
+
+PY_DRAWS: list[Callable[[], Any]] = [
+    lambda: None,
+    lambda: random.random(),
+    lambda: random.gauss(0.0, 1.0),  # fills or empties the gauss_next cache
+    lambda: random.getrandbits(64 * 624),  # past one 624-word block
+    lambda: random.sample(range(100), 5),
+    lambda: random.randrange(10**30),
+]
+
+
+def _py_play(script: list[tuple[str, int, int]], fetch: Callable[[int, Callable[[], Any]], Any]) -> list[Any]:
+    random.seed(1234)
+    seen = []
+    for kind, draw, seed in script:
+        if kind == "fetch":
+            seen.append(fetch(seed, PY_DRAWS[draw % len(PY_DRAWS)]))
+        elif kind == "user":
+            seen.append(PY_DRAWS[draw % len(PY_DRAWS)]())
+        else:
+            random.seed(seed)
+    return seen + [random.getstate()]
+
+
+def _py_reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        return draw()
+    finally:
+        random.setstate(saved)
+
+
+@pytest.mark.parametrize("script_seed", range(8))
+def test_python_draws_match_a_plain_getstate_and_setstate_round_trip(script_seed: int) -> None:
+    script = _script(random.Random(script_seed), 60)
+    expected = _py_play(script, _py_reference_fetch)
+    guard = PythonRng()
+
+    def guarded(seed: int, draw: Callable[[], Any]) -> Any:
+        saved = guard.save()
+        guard.seed(seed)
+        try:
+            return draw()
+        finally:
+            guard.restore(saved)
+
+    assert _py_play(script, guarded) == expected
+
+
+def test_the_python_fast_path_is_taken_on_this_python() -> None:
+    assert PythonRng().save()[0] is not None  # the layout was proven: raw bytes, not getstate()
+
+
+def test_proving_the_python_layout_leaves_the_users_state_as_it_was() -> None:
+    random.seed(9)
+    random.gauss(0.0, 1.0)  # a cached normal, too
+    before = random.getstate()
+    PythonRng().save()
+    assert random.getstate() == before
+
+
+def test_a_random_subclass_keeps_the_plain_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Mine(random.Random):
+        pass
+
+    mine = Mine(5)
+    monkeypatch.setattr(random, "getstate", mine.getstate)
+    monkeypatch.setattr(random, "setstate", mine.setstate)
+    monkeypatch.setattr(random, "seed", mine.seed)
+    guard = PythonRng()
+    before = mine.getstate()
+    saved = guard.save()
+    assert saved[0] is None  # not proven for a subclass: getstate()'s tuple
+    guard.seed(3)
+    mine.random()
+    guard.restore(saved)
+    assert mine.getstate() == before

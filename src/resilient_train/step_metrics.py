@@ -26,7 +26,7 @@ RESERVED_PREFIXES = ("gpu_", "cpu_", "val_")
 
 def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """(loss, extra scalars) of what `training_step` returned: a loss, or a mapping holding "loss"."""
-    if not isinstance(out, Mapping):
+    if type(out) is torch.Tensor or not isinstance(out, Mapping):  # a bare loss: skip the ABC check
         return out, {}
     if "loss" not in out:
         raise UsageError(f"training_step returned a mapping without 'loss' (keys: {', '.join(map(str, out))}); "

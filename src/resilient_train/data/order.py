@@ -47,7 +47,7 @@ class EpochOrder:
         self.algorithm = algorithm
         self._feistel: Optional[FeistelOrder] = None
         self._table: Optional[torch.Tensor] = None
-        self._block: Optional[torch.Tensor] = None  # feistel: order[_block_start : _block_start + len(_block)]
+        self._block: Optional[list[int]] = None  # feistel: order[_block_start : _block_start + len(_block)]
         self._block_start = 0
         if algorithm == FEISTEL:
             self._feistel = FeistelOrder(num_samples, seed, epoch)
@@ -70,14 +70,16 @@ class EpochOrder:
 
         Evaluating the Feistel network costs tens of small tensor operations per call whatever
         the length, so a micro-batch at a time spent ~1 ms per batch (a fifth of a small model's
-        step); a block of BLOCK positions amortises that to nothing and holds 512 KB.
+        step); a block of BLOCK positions amortises that to nothing. The block is kept as a list
+        (~2 MB): a slice of it is a list slice, where slicing a tensor and converting it cost
+        ~7 us of every micro-batch.
         """
         start, block = self._block_start, self._block
         if block is None or lo < start or hi > start + len(block):
             stop = min(order.n, max(hi, lo + self.BLOCK))
-            block = self._block = order.positions(torch.arange(lo, stop, dtype=torch.int64))
+            block = self._block = order.positions(torch.arange(lo, stop, dtype=torch.int64)).tolist()
             start = self._block_start = lo
-        return block[lo - start : hi - start].tolist()
+        return block[lo - start : hi - start]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True, algorithm: Optional[str] = None) -> torch.Tensor:

@@ -43,12 +43,20 @@ class ForwardBackward:
         if self.chunking is not None:
             return self._chunked(self.chunking, progress, window)
         fabric, model, micro_batches = self.fabric, self.model, self.micro_batches
+        if micro_batches == 1:  # the common case, without the accumulator's two tensor ops
+            loss, extras = split_output(self.step_fn(model, fabric.to_device(self.stream.next())))
+            fabric.backward(loss)
+            window.add(extras)
+            progress.samples_seen += self.stream.last_consumed
+            if loss.dim() == 0:  # what the accumulator would hold: the loss in the default dtype
+                return loss.detach().to(torch.get_default_dtype())
+            return torch.zeros((), device=fabric.device).add_(loss.detach())  # torch's own error for a non-scalar
         loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(micro_batches):
             batch = fabric.to_device(self.stream.next())
             with fabric.no_backward_sync(model, enabled=micro != micro_batches - 1):
                 loss, extras = split_output(self.step_fn(model, batch))
-                fabric.backward(loss / micro_batches if micro_batches > 1 else loss)  # x / 1 == x: no op to pay
+                fabric.backward(loss / micro_batches)
             loss_sum += loss.detach()
             window.add(extras)
             progress.samples_seen += self.stream.last_consumed

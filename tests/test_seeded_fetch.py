@@ -237,3 +237,83 @@ def test_a_random_subclass_keeps_the_plain_round_trip(monkeypatch: pytest.Monkey
     mine.random()
     guard.restore(saved)
     assert mine.getstate() == before
+
+
+# -- lazy seeding of Python's and NumPy's streams (data/stream_guard.py) ------------------------
+
+class _Drawing(torch.utils.data.Dataset):
+    """Items that draw from the global streams as `policy` says: never, always, or only some items."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> Any:
+        self.calls += 1
+        out = [float(i)]
+        if self.policy in ("python", "both") or (self.policy == "sometimes" and i % 7 == 3):
+            out += [random.random(), random.gauss(0.0, 1.0)]
+        if self.policy in ("numpy", "both") or (self.policy == "sometimes" and i % 11 == 5):
+            out += [float(np.random.rand()), float(np.random.randn())]
+        out.append(float(torch.rand(())))
+        return torch.tensor(out)
+
+
+def _states() -> tuple:
+    np_state = np.random.get_state()
+    return (random.getstate(), np_state[1].tolist(), np_state[2:], torch.get_rng_state().tolist())
+
+
+def _fetch_script(fetch: Callable[[seeding.BatchKey], Any], script_seed: int) -> list[Any]:
+    """Fetches with user draws and reseeds of every stream in between; every result and the end states."""
+    rng = random.Random(script_seed)
+    actions = [(rng.choice(["fetch"] * 4 + ["user", "reseed"]), rng.randrange(2**40)) for _ in range(40)]
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    seen: list[Any] = []
+    for kind, value in actions:
+        if kind == "fetch":
+            indices = tuple((value + k) % 64 for k in range(4))
+            seen.append([t.tolist() for t in fetch(seeding.BatchKey(indices, value))])
+        elif kind == "user":
+            seen.append((random.random(), random.gauss(0.0, 1.0), float(np.random.randn()), float(torch.rand(()))))
+        else:
+            random.seed(value % 3)
+            np.random.seed(value % 3)
+    return seen + [_states()]
+
+
+@pytest.mark.parametrize("policy", ["never", "python", "numpy", "both", "sometimes"])
+@pytest.mark.parametrize("script_seed", range(3))
+def test_lazy_seeding_gives_what_seeding_every_stream_gives(policy: str, script_seed: int) -> None:
+    def reference(key: seeding.BatchKey) -> Any:
+        dataset = _Drawing(policy)
+        with seeding.seeded(key.seed):
+            return [dataset[i] for i in key.indices]
+
+    batches = seeding.SeededBatches(_Drawing(policy), list)
+    assert _fetch_script(lambda key: batches[key], script_seed) == _fetch_script(reference, script_seed)
+
+
+def test_a_dataset_that_draws_is_fetched_twice_once_and_one_that_does_not_never() -> None:
+    drawing = seeding.SeededBatches(_Drawing("python"), list)
+    for start in range(0, 40, 4):
+        drawing[seeding.BatchKey(tuple(range(start, start + 4)), start)]
+    assert drawing.dataset.calls == 11 * 4  # the first batch twice: it drew from an idle stream
+    quiet = seeding.SeededBatches(_Drawing("never"), list)
+    for start in range(0, 40, 4):
+        quiet[seeding.BatchKey(tuple(range(start, start + 4)), start)]
+    assert quiet.dataset.calls == 10 * 4
+
+
+def test_what_a_process_learned_about_its_streams_is_not_pickled_to_workers() -> None:
+    import pickle
+
+    batches = seeding.SeededBatches(_Drawing("python"), list)
+    batches[seeding.BatchKey((1, 2), 5)]
+    assert batches._guards is not None and batches._guards[0].seeded
+    assert pickle.loads(pickle.dumps(batches))._guards is None

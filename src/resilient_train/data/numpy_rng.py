@@ -33,6 +33,8 @@ class _Layout:
         self.state = state
         self.key_address = key_address
         self.flag_address = id(state) + flag_offset
+        self.words = (ctypes.c_uint32 * (_KEY_BYTES // 4)).from_address(key_address)  # key[0..623], pos
+        self.flags = (ctypes.c_char * _GAUSS_FIELDS).from_address(self.flag_address)
 
     @classmethod
     def prove(cls, np: Any, state: Any) -> Optional["_Layout"]:
@@ -105,6 +107,16 @@ class NumpyRng:
             self._np.random.seed(seed)
         else:
             layout.state.seed(seed)  # the object the module functions draw from (np.random.seed may not be)
+
+    def fingerprint(self) -> Optional[tuple]:
+        """A few fields that change whenever the stream moves, or None without a proven layout:
+        the position, key[0], key[1] and key[623] (the whole key is regenerated every 624 words)
+        and the `randn` cache. See PythonRng.fingerprint."""
+        layout = self._current()
+        if layout is None:
+            return None
+        words = layout.words
+        return (words[624], words[0], words[1], words[623], layout.flags.raw)
 
     def restore(self, saved: tuple) -> None:
         layout = saved[0]

@@ -35,6 +35,7 @@ class _Layout:
     def __init__(self, rng: random.Random, offset: int) -> None:
         self.rng = rng
         self.address = id(rng) + offset  # the int index, then the key
+        self.words = (ctypes.c_uint32 * (1 + _WORDS)).from_address(self.address)  # index, key[0..623]
 
     @classmethod
     def prove(cls, rng: Any) -> Optional["_Layout"]:
@@ -99,6 +100,20 @@ class PythonRng:
 
     def seed(self, seed: int) -> None:
         random.seed(seed)
+
+    def fingerprint(self) -> Optional[tuple]:
+        """A few fields that change whenever the stream moves, or None without a proven layout.
+
+        A draw moves the index; every 624 words the whole key is regenerated; `gauss` may use its
+        cache alone. Seeding sets index 624 and key[0] = 0x80000000 whatever the seed, so the
+        words sampled are key[1], key[2] and key[623]: two different states agreeing on all of
+        them by chance is a 2^-96 event. Costs a microsecond where a copy of the state costs four.
+        """
+        layout = self._current()
+        if layout is None:
+            return None
+        words = layout.words
+        return (words[0], words[2], words[3], words[_WORDS], getattr(layout.rng, "gauss_next"))  # noqa: B009
 
     def restore(self, saved: tuple) -> None:
         layout = saved[0]

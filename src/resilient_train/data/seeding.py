@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from resilient_train.data.numpy_rng import NumpyRng
 from resilient_train.data.python_rng import PythonRng
+from resilient_train.data.stream_guard import StreamGuard
 
 
 def batch_seed(*parts: Any) -> int:
     """A 63-bit seed that is a pure function of `parts` (stable across processes and Python runs)."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -81,26 +82,52 @@ class seeded:  # noqa: N801 - used as a context manager, like contextlib's
 class SeededBatches(Dataset):
     """The dataset as the DataLoader sees it: item `BatchKey` is one whole micro-batch.
 
-    Fetching and collating both happen under the batch's seed, in whichever process fetches it.
-    `unbatched` mirrors a DataLoader with `batch_size=None`: each micro-batch is one item, given to
-    the collate function alone.
+    Fetching and collating both happen under the batch's seed, in whichever process fetches it:
+    torch's CPU generator is seeded for every fetch, Python's and NumPy's global streams once
+    this process has seen the dataset draw from them (stream_guard.py; until then seeding them
+    would change nothing). `unbatched` mirrors a DataLoader with `batch_size=None`: each
+    micro-batch is one item, given to the collate function alone.
     """
 
     def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], unbatched: bool = False) -> None:
         self.dataset = dataset
         self.collate_fn = collate_fn
         self.unbatched = unbatched
+        self._guards: Optional[tuple[StreamGuard, ...]] = None  # per process: built on first use, never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_guards": None}  # a spawned worker learns its own streams
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: BatchKey) -> Any:
-        with seeded(key.seed):
-            if self.unbatched:
-                return self.collate_fn(self.dataset[key.indices[0]])
-            getitems = getattr(self.dataset, "__getitems__", None)  # batched fetch, as torch's fetcher does
-            items = getitems(list(key.indices)) if getitems else [self.dataset[i] for i in key.indices]
-            return self.collate_fn(items)
+        guards = self._guards if self._guards is not None else self._make_guards()
+        while True:
+            saved_torch = torch.get_rng_state()
+            torch.default_generator.manual_seed(key.seed)
+            for guard in guards:
+                guard.before(key.seed)
+            try:
+                batch = self._fetch(key.indices)
+            finally:
+                again = [guard.after() for guard in guards]  # every stream is put back, whatever happened
+                torch.set_rng_state(saved_torch)
+            if not any(again):
+                return batch
+
+    def _fetch(self, indices: tuple[int, ...]) -> Any:
+        if self.unbatched:
+            return self.collate_fn(self.dataset[indices[0]])
+        getitems = getattr(self.dataset, "__getitems__", None)  # batched fetch, as torch's fetcher does
+        items = getitems(list(indices)) if getitems else [self.dataset[i] for i in indices]
+        return self.collate_fn(items)
+
+    def _make_guards(self) -> tuple[StreamGuard, ...]:
+        np_rng = _numpy()
+        streams = [StreamGuard(_python(), 2**63)] + ([StreamGuard(np_rng, 2**32)] if np_rng is not None else [])
+        self._guards = tuple(streams)
+        return self._guards
 
 
 def whole_batch(batch: Any) -> Any:

@@ -39,18 +39,21 @@ class ForwardBackward:
     on_resize: Callable[[int], None] = lambda size: None  # told the new device micro-batch after an OOM
 
     def run(self, progress: state_lib.Progress, window: MetricWindow) -> torch.Tensor:
-        """Accumulate one optimizer step's gradients (progress.samples_seen advances)."""
+        """Accumulate one optimizer step's gradients (progress.samples_seen advances); returns the
+        summed loss, or with one micro-batch the loss itself (not detached, not converted: only
+        a logged step reads it, so the two tensor operations are paid there)."""
         if self.chunking is not None:
             return self._chunked(self.chunking, progress, window)
         fabric, model, micro_batches = self.fabric, self.model, self.micro_batches
-        if micro_batches == 1:  # the common case, without the accumulator's two tensor ops
+        if micro_batches == 1:  # the common case: no accumulator (LogWindow.close reads the loss as it)
             loss, extras = split_output(self.step_fn(model, fabric.to_device(self.stream.next())))
             fabric.backward(loss)
-            window.add(extras)
+            if extras:
+                window.add(extras)
             progress.samples_seen += self.stream.last_consumed
-            if loss.dim() == 0:  # what the accumulator would hold: the loss in the default dtype
-                return loss.detach().to(torch.get_default_dtype())
-            return torch.zeros((), device=fabric.device).add_(loss.detach())  # torch's own error for a non-scalar
+            if loss.dim() != 0:
+                torch.zeros((), device=fabric.device).add_(loss.detach())  # the accumulator's error for a non-scalar
+            return loss
         loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(micro_batches):
             batch = fabric.to_device(self.stream.next())

@@ -1,8 +1,9 @@
-"""Put Python's global `random` stream back after a seeded fetch, in under a microsecond.
+"""Put Python's global `random` stream back after a seeded fetch as a raw copy, not a tuple of ints.
 
 `random.getstate()` builds a tuple of 625 Python ints and `setstate()` parses it back: ~11 us
-together on every micro-batch (seeding.py), the largest part of what a seeded fetch cost once
-NumPy's state went raw (numpy_rng.py). The same state is 2500 bytes in the C object behind
+together on every micro-batch in a loop of fetches (seeding.py), three times that inside a
+training loop, the largest part of what a seeded fetch cost once NumPy's state went raw
+(numpy_rng.py). A raw copy takes under a microsecond in a loop of fetches. The same state is 2500 bytes in the C object behind
 `random`'s module functions (an `int` position, then the 624-word Mersenne Twister key) plus one
 Python attribute, `gauss_next`. This module copies exactly those.
 

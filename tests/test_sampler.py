@@ -166,6 +166,36 @@ def test_batch_stream_crosses_epochs_and_tracks_epoch_and_cursor():
     assert batches[8] == order2[:3]
 
 
+class _FailsOnce(Dataset):
+    """Item 5 raises the first time it is fetched (a flaky read)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.failed = n, False
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == 5 and not self.failed:
+            self.failed = True
+            raise OSError("flaky read")
+        return i
+
+
+def test_a_batch_whose_fetch_raised_is_fetched_again_by_the_next_call():
+    loader, sampler = build_loader(_FailsOnce(10), 2, seed=0, rank=0, world_size=1)
+    stream = BatchStream(loader, sampler)
+    order = epoch_order(10, 0, 0).tolist()
+    failing = order.index(5) // 2
+    for _ in range(failing):
+        stream.next()
+    with pytest.raises(OSError, match="flaky read"):
+        stream.next()
+    assert (stream.epoch, stream.cursor) == (0, 2 * failing)  # the failed batch is not counted
+    assert stream.next().tolist() == order[2 * failing : 2 * failing + 2]  # the same batch, not a skip to the next epoch
+    assert (stream.epoch, stream.cursor) == (0, 2 * failing + 2)
+
+
 def test_batch_stream_seek_resumes_at_exactly_the_same_next_batch():
     n, b = 20, 4
     reference = _stream(n, b, seed=3)

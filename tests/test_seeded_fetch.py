@@ -242,11 +242,13 @@ def test_a_random_subclass_keeps_the_plain_round_trip(monkeypatch: pytest.Monkey
 # -- lazy seeding of Python's and NumPy's streams (data/stream_guard.py) ------------------------
 
 class _Drawing(torch.utils.data.Dataset):
-    """Items that draw from the global streams as `policy` says: never, always, or only some items."""
+    """Items that draw from the global streams as `policy` says: never, always, only some items,
+    only from item 20 on, or a permutation drawn on first access and kept."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.calls = 0
+        self.perm: Any = None
 
     def __len__(self) -> int:
         return 64
@@ -254,7 +256,11 @@ class _Drawing(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Any:
         self.calls += 1
         out = [float(i)]
-        if self.policy in ("python", "both") or (self.policy == "sometimes" and i % 7 == 3):
+        if self.policy == "setup":
+            if self.perm is None:
+                self.perm = random.sample(range(64), 64)
+            out.append(float(self.perm[i]))
+        if self.policy in ("python", "both") or (self.policy == "sometimes" and i % 7 == 3) or (self.policy == "late" and i >= 20):
             out += [random.random(), random.gauss(0.0, 1.0)]
         if self.policy in ("numpy", "both") or (self.policy == "sometimes" and i % 11 == 5):
             out += [float(np.random.rand()), float(np.random.randn())]
@@ -287,27 +293,76 @@ def _fetch_script(fetch: Callable[[seeding.BatchKey], Any], script_seed: int) ->
     return seen + [_states()]
 
 
-@pytest.mark.parametrize("policy", ["never", "python", "numpy", "both", "sometimes"])
+@pytest.mark.parametrize("policy", ["never", "python", "numpy", "both", "sometimes", "late", "setup"])
 @pytest.mark.parametrize("script_seed", range(3))
 def test_lazy_seeding_gives_what_seeding_every_stream_gives(policy: str, script_seed: int) -> None:
+    reference_data = _Drawing(policy)
+
     def reference(key: seeding.BatchKey) -> Any:
-        dataset = _Drawing(policy)
         with seeding.seeded(key.seed):
-            return [dataset[i] for i in key.indices]
+            return [reference_data[i] for i in key.indices]
 
     batches = seeding.SeededBatches(_Drawing(policy), list)
     assert _fetch_script(lambda key: batches[key], script_seed) == _fetch_script(reference, script_seed)
 
 
-def test_a_dataset_that_draws_is_fetched_twice_once_and_one_that_does_not_never() -> None:
-    drawing = seeding.SeededBatches(_Drawing("python"), list)
-    for start in range(0, 40, 4):
-        drawing[seeding.BatchKey(tuple(range(start, start + 4)), start)]
-    assert drawing.dataset.calls == 11 * 4  # the first batch twice: it drew from an idle stream
-    quiet = seeding.SeededBatches(_Drawing("never"), list)
-    for start in range(0, 40, 4):
-        quiet[seeding.BatchKey(tuple(range(start, start + 4)), start)]
-    assert quiet.dataset.calls == 10 * 4
+def _fetch_all(batches: seeding.SeededBatches, starts: range) -> None:
+    for start in starts:
+        batches[seeding.BatchKey(tuple(range(start, start + 4)), start)]
+
+
+def test_only_a_dataset_that_starts_drawing_after_the_first_batch_is_fetched_twice_once() -> None:
+    always = seeding.SeededBatches(_Drawing("python"), list)
+    _fetch_all(always, range(0, 40, 4))
+    assert always.dataset.calls == 10 * 4  # the first fetch was seeded and showed it draws: no fetch again
+    late = seeding.SeededBatches(_Drawing("late"), list)
+    _fetch_all(late, range(0, 40, 4))
+    assert late.dataset.calls == 11 * 4  # the batch at 20 drew from an idle stream: fetched again, seeded
+    never = seeding.SeededBatches(_Drawing("never"), list)
+    _fetch_all(never, range(0, 40, 4))
+    assert never.dataset.calls == 10 * 4
+
+
+class _FailsUnlucky(torch.utils.data.Dataset):
+    """Item 13 draws once and raises when the draw is below one half."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> float:
+        if i == 13 and random.random() < 0.5:
+            raise ValueError("unlucky draw")
+        return float(i)
+
+
+def test_a_fetch_that_raised_after_drawing_from_an_idle_stream_is_fetched_again_seeded() -> None:
+    lucky = next(s for s in range(100) if random.Random(s).random() >= 0.5)
+    unlucky = next(s for s in range(100) if random.Random(s).random() < 0.5)
+    batches = seeding.SeededBatches(_FailsUnlucky(), list)
+    batches[seeding.BatchKey((0, 1), 3)]  # learned: this dataset's first batch does not draw
+    random.seed(unlucky)  # the process's own stream would raise
+    before = random.getstate()
+    assert batches[seeding.BatchKey((12, 13), lucky)] == [12.0, 13.0]  # the batch's seed does not
+    assert random.getstate() == before
+    with pytest.raises(ValueError, match="unlucky draw"):  # a seeded draw that fails still fails
+        batches[seeding.BatchKey((13,), unlucky)]
+    assert random.getstate() == before
+
+
+def test_a_numpy_layout_keeps_the_bit_generator_it_writes_into_alive() -> None:
+    guard = NumpyRng(np)
+    original = np.random.get_bit_generator()
+    try:
+        generator = np.random.MT19937(3)
+        np.random.set_bit_generator(generator)
+        saved = guard.save()  # proven for this bit generator
+        assert saved[0] is not None and saved[0].bit_generator is generator  # held by what restore writes through
+        np.random.set_bit_generator(np.random.MT19937(4))  # as a fetch might
+        guard.fingerprint()  # the guard moves on to the new one
+        del generator
+        guard.restore(saved)  # into the old generator, still alive: no write into freed memory
+    finally:
+        np.random.set_bit_generator(original)
 
 
 def test_what_a_process_learned_about_its_streams_is_not_pickled_to_workers() -> None:
@@ -315,5 +370,5 @@ def test_what_a_process_learned_about_its_streams_is_not_pickled_to_workers() ->
 
     batches = seeding.SeededBatches(_Drawing("python"), list)
     batches[seeding.BatchKey((1, 2), 5)]
-    assert batches._guards is not None and batches._guards[0].seeded
+    assert batches._guards is not None and batches._guards[0].learned and batches._guards[0].seeded
     assert pickle.loads(pickle.dumps(batches))._guards is None

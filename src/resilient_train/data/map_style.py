@@ -268,6 +268,10 @@ class BatchStream:
                 self._iterator = None
                 self.epoch, self.cursor = self.epoch + 1, 0
                 continue
+            except Exception:
+                if self._here:  # a generator that raised is finished: the next call starts at this batch again
+                    self._iterator = None
+                raise
             self.last_consumed = self.sampler.consumed(self.cursor)
             self.last_local = self.sampler.local_count(self.last_consumed)
             self.cursor += self.last_consumed

@@ -31,6 +31,9 @@ class _Layout:
 
     def __init__(self, state: Any, key_address: int, flag_offset: int) -> None:
         self.state = state
+        # the key lives in the bit generator: held here so that a raw restore never writes into
+        # freed memory, even when a fetch replaced np.random's bit generator in the meantime
+        self.bit_generator = state._bit_generator
         self.key_address = key_address
         self.flag_address = id(state) + flag_offset
         self.words = (ctypes.c_uint32 * (_KEY_BYTES // 4)).from_address(key_address)  # key[0..623], pos

@@ -83,9 +83,9 @@ class SeededBatches(Dataset):
     """The dataset as the DataLoader sees it: item `BatchKey` is one whole micro-batch.
 
     Fetching and collating both happen under the batch's seed, in whichever process fetches it:
-    torch's CPU generator is seeded for every fetch, Python's and NumPy's global streams once
-    this process has seen the dataset draw from them (stream_guard.py; until then seeding them
-    would change nothing). `unbatched` mirrors a DataLoader with `batch_size=None`: each
+    torch's CPU generator is seeded for every fetch, Python's and NumPy's global streams on the
+    process's first fetch and then only if the dataset draws from them (stream_guard.py;
+    otherwise seeding them would change nothing). `unbatched` mirrors a DataLoader with `batch_size=None`: each
     micro-batch is one item, given to the collate function alone.
     """
 
@@ -108,13 +108,19 @@ class SeededBatches(Dataset):
             torch.default_generator.manual_seed(key.seed)
             for guard in guards:
                 guard.before(key.seed)
+            failed: Optional[Exception] = None
             try:
                 batch = self._fetch(key.indices)
+            except Exception as exc:  # kept: a fetch that drew unseeded is retried even when it raised
+                failed = exc
             finally:
                 again = [guard.after() for guard in guards]  # every stream is put back, whatever happened
                 torch.set_rng_state(saved_torch)
-            if not any(again):
-                return batch
+            if any(again):
+                continue
+            if failed is not None:
+                raise failed
+            return batch
 
     def _fetch(self, indices: tuple[int, ...]) -> Any:
         if self.unbatched:

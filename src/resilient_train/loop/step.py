@@ -40,12 +40,12 @@ class ForwardBackward:
 
     def run(self, progress: state_lib.Progress, window: MetricWindow) -> torch.Tensor:
         """Accumulate one optimizer step's gradients (progress.samples_seen advances); returns the
-        summed loss, or with one micro-batch the loss itself (not detached, not converted: only
-        a logged step reads it, so the two tensor operations are paid there)."""
+        summed loss, or with one micro-batch the loss detached but not converted (only a logged
+        step reads it, so the conversion is paid there)."""
         if self.chunking is not None:
             return self._chunked(self.chunking, progress, window)
         fabric, model, micro_batches = self.fabric, self.model, self.micro_batches
-        if micro_batches == 1:  # the common case: no accumulator (LogWindow.close reads the loss as it)
+        if micro_batches == 1:  # the common case: no accumulator (LogWindow.close converts the loss)
             loss, extras = split_output(self.step_fn(model, fabric.to_device(self.stream.next())))
             fabric.backward(loss)
             if extras:
@@ -53,7 +53,7 @@ class ForwardBackward:
             progress.samples_seen += self.stream.last_consumed
             if loss.dim() != 0:
                 torch.zeros((), device=fabric.device).add_(loss.detach())  # the accumulator's error for a non-scalar
-            return loss
+            return loss.detach()  # not the loss itself: that would keep its graph until the next step
         loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(micro_batches):
             batch = fabric.to_device(self.stream.next())

@@ -45,8 +45,8 @@ class LogWindow:
     def close(self, step: int, epoch: int, loss_sum: torch.Tensor, micro_batches: int, lr: float) -> float:
         """Report the window ending at `step`; returns its loss (mean over ranks)."""
         fabric = self.fabric
-        # in the accumulator's dtype: ForwardBackward.run hands a lone micro-batch's loss over as it is
-        total = loss_sum.detach().to(torch.get_default_dtype())
+        # in the accumulator's dtype: ForwardBackward.run hands a lone micro-batch's loss over unconverted
+        total = loss_sum.to(torch.get_default_dtype())
         loss = all_reduce(fabric, total / micro_batches, "mean").item()
         elapsed = time.perf_counter() - self._start
         rate = self._steps * self.global_batch / elapsed if elapsed > 0 else float("nan")

@@ -111,8 +111,18 @@ class StopRequest:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-        _quiet_worker_deaths()
+        # A group signal kills the DataLoader workers too, and their SIGCHLDs can arrive while this
+        # handler runs: CPython then runs torch's SIGCHLD handler nested inside this one, before
+        # it is quieted, and its RuntimeError would escape from here (and end the run with 1, the
+        # stop lost when it came before `reason` was set). So: set, quiet, and on that error again.
+        while True:
+            try:
+                self.reason = signal.Signals(signum).name
+                _quiet_worker_deaths()
+                return
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc):
+                    raise
 
     def request(self, reason: str) -> None:
         """Ask the loop to stop for a reason other than a signal (a deadline)."""

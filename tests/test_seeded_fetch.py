@@ -19,22 +19,23 @@ from resilient_train.data.numpy_rng import NumpyRng
 from resilient_train.data.python_rng import PythonRng
 
 
-def _reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
-    saved = np.random.get_state()
-    np.random.seed(seed % 2**32)
+def _round_trip(save: Callable[[], Any], reseed: Callable[[int], None], restore: Callable[[Any], None],
+                seed: int, draw: Callable[[], Any]) -> Any:
+    """A fetch's pattern around one stream: save, seed, draw, restore."""
+    saved = save()
+    reseed(seed)
     try:
         return draw()
     finally:
-        np.random.set_state(saved)
+        restore(saved)
+
+
+def _reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
+    return _round_trip(np.random.get_state, lambda s: np.random.seed(s % 2**32), np.random.set_state, seed, draw)
 
 
 def _guarded_fetch(guard: NumpyRng, seed: int, draw: Callable[[], Any]) -> Any:
-    saved = guard.save()
-    guard.seed(seed % 2**32)
-    try:
-        return draw()
-    finally:
-        guard.restore(saved)
+    return _round_trip(guard.save, lambda s: guard.seed(s % 2**32), guard.restore, seed, draw)
 
 
 DRAWS: list[Callable[[], Any]] = [
@@ -183,30 +184,12 @@ def _py_play(script: list[tuple[str, int, int]], fetch: Callable[[int, Callable[
     return seen + [random.getstate()]
 
 
-def _py_reference_fetch(seed: int, draw: Callable[[], Any]) -> Any:
-    saved = random.getstate()
-    random.seed(seed)
-    try:
-        return draw()
-    finally:
-        random.setstate(saved)
-
-
 @pytest.mark.parametrize("script_seed", range(8))
 def test_python_draws_match_a_plain_getstate_and_setstate_round_trip(script_seed: int) -> None:
     script = _script(random.Random(script_seed), 60)
-    expected = _py_play(script, _py_reference_fetch)
+    expected = _py_play(script, lambda seed, draw: _round_trip(random.getstate, random.seed, random.setstate, seed, draw))
     guard = PythonRng()
-
-    def guarded(seed: int, draw: Callable[[], Any]) -> Any:
-        saved = guard.save()
-        guard.seed(seed)
-        try:
-            return draw()
-        finally:
-            guard.restore(saved)
-
-    assert _py_play(script, guarded) == expected
+    assert _py_play(script, lambda seed, draw: _round_trip(guard.save, guard.seed, guard.restore, seed, draw)) == expected
 
 
 def test_the_python_fast_path_is_taken_on_this_python() -> None:

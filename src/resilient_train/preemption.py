@@ -121,7 +121,7 @@ class StopRequest:
                 _quiet_worker_deaths()
                 return
             except RuntimeError as exc:
-                if "DataLoader worker" not in str(exc):
+                if not _worker_death(exc):
                     raise
 
     def request(self, reason: str) -> None:
@@ -131,7 +131,12 @@ class StopRequest:
     def explains(self, exc: BaseException) -> bool:
         """Whether `exc` is a DataLoader worker's death this stop caused: the signal went to the
         whole process group, the workers died of it, and the loader noticed (torch's own words)."""
-        return self.reason is not None and isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+        return self.reason is not None and _worker_death(exc)
+
+
+def _worker_death(exc: BaseException) -> bool:
+    """torch's own words for a DataLoader worker that died (killed, or exited unexpectedly)."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
 
 
 def _quiet_worker_deaths() -> None:

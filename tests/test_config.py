@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from resilient_train import config
 from resilient_train.config import CheckpointConfig, RunConfig, TrainerConfig
@@ -299,6 +300,47 @@ def test_to_dictconfig_gives_attribute_access():
     cfg = config.resolve(TASK_CONFIG).to_dictconfig()
     assert cfg.task.lr == 3e-4
     assert cfg.trainer.max_steps == 500
+
+
+def test_to_dictconfig_is_a_typed_copy_the_task_may_change():
+    resolved = config.resolve(TASK_CONFIG)
+    first, second = resolved.to_dictconfig(), resolved.to_dictconfig()
+    assert OmegaConf.get_type(first) is RunConfig
+    with pytest.raises(Exception):
+        first.trainer.max_steps = "many"  # typed: a str is refused where an int belongs
+    with pytest.raises(Exception):
+        first.trainer.no_such_key = 1  # structured: no new keys
+    first.task.lr = 1.0
+    first.trainer.max_steps = 9
+    assert second.task.lr == 3e-4 and second.trainer.max_steps == 500
+    assert "max_steps: 500" in resolved.to_yaml() and resolved.hash() == config.resolve(TASK_CONFIG).hash()
+
+
+@pytest.mark.parametrize("task", [
+    {"x": 1, "s": ["???", "${task.x}", "\\${task.x}", "1", "1.5", "true", "null", "", " lead", "a: b", "- x", "#c", "é✓"]},
+    {"multi": "line one\nline two\n", "long": "word " * 40, "quote": "it's \"q\"", "tab": "a\tb"},
+    {"nums": [0, -1, 2**40, 1e-4, 1e300, float("inf"), float("-inf"), 0.1 + 0.2], "b": [True, False, None]},
+    {"nested": {"a": [{"b": [1, [2, 3]]}, {}], "c": {}}, "empty": [], "n": None},
+])
+def test_the_hash_text_is_what_omegaconf_prints_for_any_plain_task(task):
+    from resilient_train.config.schema import _omegaconf_yaml
+
+    data = {"seed": 0, "task": task}  # what a config holds: resolve refuses "???" and resolves ${...}
+    assert _omegaconf_yaml(data) == OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def test_the_hash_text_of_data_that_is_not_plain_is_omegaconfs():
+    import enum
+    import pathlib
+
+    from resilient_train.config.schema import _omegaconf_yaml
+
+    class Mode(enum.Enum):
+        FAST = 1
+
+    for data in ({"task": {"mode": Mode.FAST}}, {"task": {"path": pathlib.Path("/x")}}, {"task": {1: "int key"}},
+                 {"task": {"t": (1, 2)}}):
+        assert _omegaconf_yaml(data) == OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 # -- derived forms are kept, and never outlive a change ------------------------------------------------

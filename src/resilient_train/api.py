@@ -30,7 +30,7 @@ def train_task(task: Task, cfg: RunConfig, config_changes: Sequence[ConfigChange
     trainer.prepare_run(task, config_changes)
     trainer.stop_if_asked_before_training()  # a stop during start-up: 75 before build loads anything
     seed_everything(cfg.seed)
-    parts = task.build(cfg.to_dictconfig())
+    parts = task.build(trainer.config.to_dictconfig())  # the trainer's copy has its OmegaConf view built already
     return trainer.fit(**{k: v for k, v in parts.items() if k not in BUILD_KEYS_NOT_FOR_FIT})
 
 

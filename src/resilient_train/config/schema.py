@@ -12,7 +12,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, cast
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf import _utils as omegaconf_utils
 
 from resilient_train.errors import ConfigError
 
@@ -220,8 +222,12 @@ class RunConfig:
             raise ConfigError("seed", f"must be >= 0, got {self.seed}")
 
     def to_dictconfig(self) -> DictConfig:
-        """The OmegaConf view handed to a task's `build(cfg)` (attribute access: `cfg.task.lr`)."""
-        return OmegaConf.structured(self)
+        """The OmegaConf view handed to a task's `build(cfg)` (attribute access: `cfg.task.lr`).
+
+        A copy of the view the derived forms read: `OmegaConf.structured` costs ~7 ms, a copy
+        ~1.5 ms, and the task may change its copy without touching them.
+        """
+        return copy.deepcopy(self._view())
 
     def to_container(self) -> dict[str, Any]:
         """The config as plain nested dicts and lists (a fresh copy: callers may change it)."""
@@ -232,7 +238,7 @@ class RunConfig:
 
     def _view(self) -> DictConfig:
         """A DictConfig of the current values that only the derived forms read (never handed out)."""
-        return cast(DictConfig, self._derived("view", self.to_dictconfig))
+        return cast(DictConfig, self._derived("view", lambda: OmegaConf.structured(self)))
 
     def hash(self) -> str:
         """A short digest of everything that shapes the training result (run_dir and logging excluded)."""
@@ -242,8 +248,7 @@ class RunConfig:
         data = self.to_container()
         data.pop("run_dir", None)
         data.pop("logging", None)  # where metrics go does not shape the result
-        text = OmegaConf.to_yaml(OmegaConf.create(data))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(_omegaconf_yaml(data).encode()).hexdigest()[:16]
 
     def mark_resolved(self) -> None:
         """Record that `config.resolve` validated and normalised exactly these values."""
@@ -259,10 +264,21 @@ class RunConfig:
         return _typed_text(dataclasses.asdict(self))
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled and copied without the derived forms (they are recomputed on demand)."""
+        """Pickled without the derived forms (they are recomputed on demand)."""
         state = dict(self.__dict__)
         state.pop("_memo", None)
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "RunConfig":
+        """A deep copy that keeps the derived forms: `Trainer(cfg)` copies the config `run` resolved,
+        and building the view again would cost ~7 ms. Sharing them is safe: each is checked against
+        the copy's own fields on use, the view is never handed out and the plain form is copied."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__getstate__().items()})
+        if "_memo" in self.__dict__:
+            clone.__dict__["_memo"] = dict(self.__dict__["_memo"])
+        return clone
 
     def _derived(self, name: str, compute: Callable[[], Any]) -> Any:
         """`compute()`, kept until a field of this config changes.
@@ -277,6 +293,27 @@ class RunConfig:
         if held is None or held[0] != key:
             held = memo[name] = (key, compute())
         return held[1]
+
+
+def _omegaconf_yaml(data: dict[str, Any]) -> str:
+    """`OmegaConf.to_yaml(OmegaConf.create(data))`, the text the config hash has always digested.
+
+    For plain data (str keys; str, int, float, bool, None, lists and dicts) creating the config
+    only to turn it back into the same data costs ~4 ms per start, so plain data goes straight to
+    the YAML dump OmegaConf itself ends with; anything else (an Enum, a Path) takes OmegaConf's road.
+    """
+    dumper = getattr(omegaconf_utils, "get_omega_conf_dumper", None)
+    if dumper is None or not _plain(data):
+        return OmegaConf.to_yaml(OmegaConf.create(data))
+    return cast(str, yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=dumper()))
+
+
+def _plain(value: Any) -> bool:
+    if type(value) is dict:
+        return all(type(key) is str and _plain(item) for key, item in value.items())
+    if type(value) is list:
+        return all(_plain(item) for item in value)
+    return value is None or type(value) in (str, int, float, bool)
 
 
 def _typed_text(value: Any) -> str:

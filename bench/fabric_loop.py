@@ -31,13 +31,14 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=CONFIG["task"]["hidden"])
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--per-sample", action="store_true", help="a Dataset of its own instead of a TensorDataset")
     args = parser.parse_args()
     task = {**CONFIG["task"], "hidden": args.hidden}
     fabric = Fabric(accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                     precision=args.precision)
     fabric.launch()
     fabric.seed_everything(0)
-    model, data = make_problem(task["hidden"], task["samples"], task["dim"])
+    model, data = make_problem(task["hidden"], task["samples"], task["dim"], args.per_sample)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=task["lr"]))
     loader = fabric.setup_dataloaders(DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True))

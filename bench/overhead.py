@@ -13,7 +13,7 @@ the figures for its report.
 Goal: <= 1.03 on one CPU process, <= 1.05 on two, <= 1.02 on one GPU.
 
     .venv/bin/python bench/overhead.py [--pairs 5] [--steps 1500] [--batch 32] [--hidden 256] [--devices 1]
-                                       [--accelerator cpu|cuda] [--precision 32-true] [--json FILE]
+                                       [--accelerator cpu|cuda] [--precision 32-true] [--per-sample] [--json FILE]
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ def commands(args: argparse.Namespace, run_dir: str) -> tuple[list[str], list[st
             f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch}", f"task.hidden={args.hidden}",
             f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision}",
             f"trainer.devices={args.devices}", "checkpoint.every_n_steps=null",
-            "trainer.progress_bar=false", "logging.trackers=[]", "trainer.gpu_stats=false"]
+            "trainer.progress_bar=false", "logging.trackers=[]", "trainer.gpu_stats=false",
+            f"task.per_sample={str(args.per_sample).lower()}"]
     if args.devices > 1:
         ours.append("trainer.strategy=ddp")
     baseline = [py, "bench/fabric_loop.py", "--steps", str(args.steps), "--batch", str(args.batch),
                 "--hidden", str(args.hidden), "--devices", str(args.devices),
-                "--accelerator", args.accelerator, "--precision", args.precision]
+                "--accelerator", args.accelerator, "--precision", args.precision] + (["--per-sample"] if args.per_sample else [])
     return ours, baseline
 
 
@@ -72,6 +73,9 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="the same for both sides (default 32-true)")
+    parser.add_argument("--per-sample", action="store_true",
+                        help="both sides over a Dataset of its own (fetched sample by sample) instead of a TensorDataset, "
+                             "which `run` gathers in one op per tensor")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args()
     # both sides start from bytecode, as after `pip install` (which compiles at install time): with
@@ -96,11 +100,12 @@ def main() -> int:
                   f"(CPU {b[1]:.2f} s), ratio {a[0] / b[0]:.3f} (CPU {a[1] / b[1]:.3f})", file=sys.stderr)
     goal = goal_for(args.accelerator, args.devices)
     figures = {"accelerator": args.accelerator, "precision": args.precision, "devices": args.devices, "pairs": args.pairs,
-               "steps": args.steps, "batch": args.batch, "hidden": args.hidden,
+               "steps": args.steps, "batch": args.batch, "hidden": args.hidden, "per_sample": args.per_sample,
                "fabric_loop_s": statistics.median(base_s), "run_s": statistics.median(ours_s),
                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "cpu_ratio": statistics.median(cpu_ratios), "goal": goal}
-    print(f"work: 3-layer MLP hidden={args.hidden}, batch {args.batch} per device, {args.steps} steps, "
+    data = "a Dataset of its own (per sample)" if args.per_sample else "a TensorDataset"
+    print(f"work: 3-layer MLP hidden={args.hidden}, batch {args.batch} per device, {args.steps} steps, {data}, "
           f"{args.devices} process(es), {args.accelerator.upper()} {args.precision}, {args.pairs} pairs")
     print(f"hand-written Fabric loop: {figures['fabric_loop_s']:.2f} s (median wall time of the process)")
     print(f"resilient_train run:      {figures['run_s']:.2f} s")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from resilient_train.data.numpy_rng import NumpyRng
 from resilient_train.data.python_rng import PythonRng
 from resilient_train.data.stream_guard import StreamGuard
+from resilient_train.data.tensor_rows import gathered
 
 
 def batch_seed(*parts: Any) -> int:
@@ -125,6 +126,9 @@ class SeededBatches(Dataset):
     def _fetch(self, indices: tuple[int, ...]) -> Any:
         if self.unbatched:
             return self.collate_fn(self.dataset[indices[0]])
+        rows = gathered(self.dataset, self.collate_fn, indices)  # a TensorDataset: one op per tensor
+        if rows is not None:
+            return rows
         getitems = getattr(self.dataset, "__getitems__", None)  # batched fetch, as torch's fetcher does
         items = getitems(list(indices)) if getitems else [self.dataset[i] for i in indices]
         return self.collate_fn(items)

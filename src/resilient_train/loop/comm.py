@@ -12,7 +12,10 @@ log = logging.getLogger("resilient_train")
 
 
 def all_reduce(fabric: Fabric, tensor: torch.Tensor, op: str) -> torch.Tensor:
-    """Fabric's all-reduce of one tensor (typed for what it returns for a tensor)."""
+    """Fabric's all-reduce of one tensor (typed for what it returns for a tensor); on one process
+    the tensor itself, without Fabric's conversion of the collection (~60 us a logged step)."""
+    if fabric.world_size == 1:
+        return tensor
     return cast(torch.Tensor, fabric.all_reduce(tensor, reduce_op=op))
 
 

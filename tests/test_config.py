@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -327,6 +329,33 @@ def test_the_hash_text_is_what_omegaconf_prints_for_any_plain_task(task):
 
     data = {"seed": 0, "task": task}  # what a config holds: resolve refuses "???" and resolves ${...}
     assert _omegaconf_yaml(data) == OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def test_the_hash_text_has_no_yaml_anchors_when_a_list_or_mapping_appears_twice():
+    from resilient_train.config.schema import _omegaconf_yaml
+
+    shared_list, shared_map = [1, 2], {"a": 1}
+    data = {"task": {"x": shared_list, "y": shared_list, "m": shared_map, "n": [shared_map, shared_map]}}
+    text = _omegaconf_yaml(data)
+    assert "&id" not in text and "*id" not in text
+    assert text == OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def test_the_hash_of_a_config_whose_resolver_returns_one_list_twice_is_omegaconfs():
+    shared = [1, 2]
+    with warnings.catch_warnings():  # OmegaConf 2.4 renamed it; 2.3 (our floor) has only this name
+        warnings.simplefilter("ignore", UserWarning)
+        OmegaConf.register_new_resolver("rt_test_pair", lambda: [shared, shared], replace=True)
+    try:
+        cfg = config.resolve({"task": {"x": "\\${rt_test_pair:}"}})
+        data = cfg.to_container()
+        data.pop("run_dir")
+        data.pop("logging")
+        import hashlib
+
+        assert cfg.hash() == hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()[:16]
+    finally:
+        OmegaConf.clear_resolver("rt_test_pair")
 
 
 def test_the_hash_text_of_data_that_is_not_plain_is_omegaconfs():

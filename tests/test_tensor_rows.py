@@ -5,13 +5,15 @@ gathered at all (a subclass, a custom collate, a tensor that is not plain, a Dat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from resilient_train import Trainer, seed_everything
 from resilient_train.data import tensor_rows
@@ -93,7 +95,19 @@ def test_anything_but_a_plain_tensor_dataset_is_fetched_sample_by_sample(case: s
     assert tensor_rows.gathered(dataset, collate, indices) is None
 
 
+class _GatheredHere(Dataset):
+    """One item: whether a TensorDataset batch would be gathered in the process that fetches it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        return tensor_rows.gathered(TensorDataset(torch.zeros(3, 1)), default_collate, (0, 2)) is not None
+
+
 def test_a_dataloader_worker_fetches_sample_by_sample_and_gets_the_same_batch() -> None:
+    assert _GatheredHere()[0] is True
+    assert list(DataLoader(_GatheredHere(), batch_size=None, num_workers=1)) == [False]
     dataset = TensorDataset(torch.randn(N, 4), torch.arange(N))
     keys = [BatchKey(INDICES, 5), BatchKey((1, 2), 6)]
     batches = SeededBatches(dataset, default_collate)
@@ -101,6 +115,46 @@ def test_a_dataloader_worker_fetches_sample_by_sample_and_gets_the_same_batch() 
     loader = DataLoader(batches, batch_size=None, sampler=keys, collate_fn=lambda batch: batch, num_workers=1)
     for got, want in zip(loader, in_process):
         _assert_same_batch(got, want)
+
+
+@pytest.fixture
+def collate_map() -> Any:
+    """torch's `default_collate_fn_map`, put back as it was after the test changes it."""
+    saved = dict(default_collate_fn_map)
+    yield default_collate_fn_map
+    default_collate_fn_map.clear()
+    default_collate_fn_map.update(saved)
+
+
+@pytest.mark.parametrize("registered", ["tensors", "tuples", "sequences"])
+def test_a_default_collate_extended_through_its_map_is_followed_not_gathered(collate_map: Any, registered: str) -> None:
+    def halves(batch: Any, *, collate_fn_map: Any = None) -> Any:
+        return torch.stack(batch).half()
+
+    def firsts(batch: Any, *, collate_fn_map: Any = None) -> Any:
+        return torch.stack([item[0] for item in batch])
+
+    kind: Any = {"tensors": torch.Tensor, "tuples": tuple, "sequences": Sequence}[registered]
+    collate_map[kind] = halves if registered == "tensors" else firsts
+    dataset = TensorDataset(torch.randn(N, 3), torch.arange(N))
+    assert tensor_rows.gathered(dataset, default_collate, INDICES) is None
+    batches = SeededBatches(dataset, default_collate)
+    want = default_collate([dataset[i] for i in INDICES])
+    got = batches[BatchKey(INDICES, 5)]
+    assert type(got) is type(want)
+    assert torch.equal(got[0] if registered == "tensors" else got, want[0] if registered == "tensors" else want)
+
+
+def test_a_default_device_set_by_the_task_does_not_move_the_gather() -> None:
+    dataset = TensorDataset(torch.arange(N, dtype=torch.float32), torch.arange(N))
+    want = default_collate([dataset[i] for i in INDICES])
+    torch.set_default_device("meta")  # any device but the tensors' own; meta needs no GPU
+    try:
+        got = tensor_rows.gathered(dataset, default_collate, INDICES)
+    finally:
+        torch.set_default_device(None)
+    assert got is not None
+    _assert_same_batch(got, want)
 
 
 def _fit(run_dir: Path, dataset: Any, max_steps: int) -> dict[str, torch.Tensor]:
@@ -125,6 +179,9 @@ def test_a_run_and_its_resume_over_a_tensor_dataset_train_what_the_per_sample_fe
     gathered = _fit(tmp_path / "b", TensorDataset(x, y), max_steps=9)
     _fit(tmp_path / "c", TensorDataset(x, y), max_steps=4)
     resumed = _fit(tmp_path / "c", TensorDataset(x, y), max_steps=9)
+    _fit(tmp_path / "d", _SameRows(x, y), max_steps=4)  # a checkpoint written sample by sample (before gathering)...
+    resumed_across = _fit(tmp_path / "d", TensorDataset(x, y), max_steps=9)  # ...resumed gathering
     for key in per_sample:
         assert torch.equal(per_sample[key], gathered[key]), key
         assert torch.equal(per_sample[key], resumed[key]), key
+        assert torch.equal(per_sample[key], resumed_across[key]), key

@@ -7,9 +7,10 @@ new contiguous tensor in one op (~15 us): the same bits, dtype, shape and stride
 that `default_collate` makes of a tuple.
 
 It is taken only where the two are the same: torch's own TensorDataset (a subclass may fetch
-its own way) with torch's `default_collate`, plain contiguous CPU tensors that need no grad, in
-the main process (in a DataLoader worker `default_collate` builds the batch in shared memory,
-which this would not). Anything else goes the per-sample way.
+its own way) with torch's `default_collate` as torch ships it (its documented extension point,
+`default_collate_fn_map`, may send tensors or tuples elsewhere), plain contiguous CPU tensors
+that need no grad, in the main process (in a DataLoader worker `default_collate` builds the
+batch in shared memory, which this would not). Anything else goes the per-sample way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import TensorDataset, get_worker_info
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data._utils.collate import collate_tensor_fn, default_collate, default_collate_fn_map
 
 
 def gathered(dataset: Any, collate_fn: Callable[[Any], Any], indices: Sequence[int]) -> Optional[list[torch.Tensor]]:
@@ -27,10 +28,17 @@ def gathered(dataset: Any, collate_fn: Callable[[Any], Any], indices: Sequence[i
     if type(dataset) is not TensorDataset or collate_fn is not default_collate or not indices:
         return None
     tensors = dataset.tensors
-    if not all(_plain(tensor) for tensor in tensors) or get_worker_info() is not None:
+    if not all(_plain(tensor) for tensor in tensors) or get_worker_info() is not None or not _collates_as_shipped():
         return None
-    index = torch.tensor(indices, dtype=torch.long)
+    index = torch.tensor(indices, dtype=torch.long, device="cpu")  # not torch.set_default_device's
     return [tensor.index_select(0, index) for tensor in tensors]
+
+
+def _collates_as_shipped() -> bool:
+    """Whether `default_collate` still stacks tensors with torch's own function and has no entry
+    that a tuple (what TensorDataset hands out per sample) would be collated by."""
+    handlers = default_collate_fn_map
+    return handlers.get(torch.Tensor) is collate_tensor_fn and not any(isinstance((), kind) for kind in handlers)
 
 
 def _plain(tensor: Any) -> bool:

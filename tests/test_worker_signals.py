@@ -75,6 +75,56 @@ def test_a_worker_death_handled_inside_the_stop_handler_does_not_lose_the_stop(m
     assert stop.reason == "SIGTERM" and len(calls) == 2
 
 
+class _BatchLostInTransfer(torch.utils.data.Dataset):
+    """From item `stop_at` on: a stop signal comes, then the fetch fails as a batch coming from a
+    worker the signal killed fails before torch has noticed the worker is gone (the connection its
+    tensors were passed through is reset); with `signal_first=False`, the failure comes alone."""
+
+    def __init__(self, stop_at: int, error: BaseException, signal_first: bool = True) -> None:
+        self.stop_at, self.error, self.signal_first = stop_at, error, signal_first
+        self.x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stop_at >= 0 and index == self.stop_at:
+            if self.signal_first:
+                import os
+
+                os.kill(os.getpid(), signal.SIGUSR1)  # the run's own handler takes it in this thread
+            raise self.error
+        return self.x[index], self.x[index].sum(dim=0, keepdim=True)
+
+
+def _fit_losing_a_batch(run_dir: Path, error: BaseException, signal_first: bool = True) -> None:
+    from torch import nn
+
+    from resilient_train import Trainer
+
+    model = nn.Linear(4, 1)
+    trainer = Trainer(run_dir=str(run_dir), max_steps=40, batch_size=1, every_n_steps=2, progress_bar=False,
+                      accelerator="cpu", devices=1, stop_signals=["SIGUSR1"])
+    data = torch.utils.data.DataLoader(_BatchLostInTransfer(5, error, signal_first), batch_size=1, shuffle=False)
+    trainer.fit(model, lambda p: torch.optim.SGD(p, lr=0.01), data,
+                training_step=lambda m, batch: nn.functional.mse_loss(m(batch[0]), batch[1]))
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), EOFError(), BrokenPipeError(32, "Broken pipe")])
+def test_a_batch_lost_in_transfer_after_a_stop_signal_ends_the_run_with_75(tmp_path: Path, error: BaseException) -> None:
+    from resilient_train.errors import StoppedMidStep
+
+    with pytest.raises(StoppedMidStep) as stopped:
+        _fit_losing_a_batch(tmp_path / "run", error)
+    assert stopped.value.code == 75 and stopped.value.step == 5  # steps 1-5 done, step 6 lost its batch
+    assert stopped.value.last_checkpoint is not None and stopped.value.last_checkpoint.endswith("step-000000004")
+
+
+def test_a_connection_error_without_a_stop_is_not_taken_for_one(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionResetError):
+        _fit_losing_a_batch(tmp_path / "run", ConnectionResetError(104, "Connection reset by peer"), signal_first=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bound", ["by the model", "by the data"])
 def test_sigterm_to_the_whole_process_group_with_dataloader_workers_exits_75_and_resumes_exactly(bound: str, tmp_path: Path) -> None:

@@ -130,8 +130,15 @@ class StopRequest:
 
     def explains(self, exc: BaseException) -> bool:
         """Whether `exc` is a DataLoader worker's death this stop caused: the signal went to the
-        whole process group, the workers died of it, and the loader noticed (torch's own words)."""
-        return self.reason is not None and _worker_death(exc)
+        whole process group and the workers died of it. Either the loader noticed (torch's own
+        words), or it had not yet and the worker's batch died in transfer: the connection its
+        tensors come through (`file_descriptor` sharing) reset or closed (seen in CI: exit 1
+        with "storage unreachable (ConnectionResetError...)" instead of 75)."""
+        return self.reason is not None and (_worker_death(exc) or isinstance(exc, (ConnectionError, EOFError)))
+
+
+# what a DataLoader worker killed by a stop signal can surface as in the main process (see explains)
+WORKER_LOSS = (RuntimeError, ConnectionError, EOFError)
 
 
 def _worker_death(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
 from resilient_train.loop.window import LogWindow, progress_bar
+from resilient_train.preemption import WORKER_LOSS
 from resilient_train.run.metrics import MetricsLogger
 
 
@@ -81,7 +82,7 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
     before the step had its batches ends the run here (StoppedMidStep, exit 75, nothing saved)."""
     try:
         return session.forward_backward.run(session.progress, window.custom)
-    except RuntimeError as exc:
+    except WORKER_LOSS as exc:
         if not session.stop.explains(exc):
             raise
     session.saver.finish()
@@ -105,7 +106,7 @@ def _validate(session: Session, metrics: Optional[MetricsLogger], last: Optional
     s, progress = session.setup, session.progress
     try:
         values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
-    except RuntimeError as exc:
+    except WORKER_LOSS as exc:
         if not session.stop.explains(exc):
             raise
         info(s.fabric, f"step {progress.step}: validation cut short ({session.stop.reason} reached its DataLoader workers); not recorded")

@@ -117,6 +117,7 @@ def test_a_batch_lost_in_transfer_after_a_stop_signal_ends_the_run_with_75(tmp_p
     with pytest.raises(StoppedMidStep) as stopped:
         _fit_losing_a_batch(tmp_path / "run", error)
     assert stopped.value.code == 75 and stopped.value.step == 5  # steps 1-5 done, step 6 lost its batch
+    assert f"batch was lost with the stop ({type(error).__name__}" in str(stopped.value)  # what happened, not a guess
     assert stopped.value.last_checkpoint is not None and stopped.value.last_checkpoint.endswith("step-000000004")
 
 

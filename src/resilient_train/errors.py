@@ -65,16 +65,19 @@ class TrainingStopped(SystemExit):
 
 
 class StoppedMidStep(TrainingStopped):
-    """A stop whose signal also killed the DataLoader workers while a step still needed a batch:
-    that step cannot finish, and its half-done state (RNG streams, data position) is not a step
-    boundary, so nothing new is saved; exit 75, and resume starts from the newest checkpoint."""
+    """A stop whose signal also took a batch the step still needed (its DataLoader worker killed,
+    or the batch lost in transfer): that step cannot finish, and its half-done state (RNG streams,
+    data position) is not a step boundary, so nothing new is saved; exit 75, and resume starts
+    from the newest checkpoint. `lost` is what the fetch raised, said as it is."""
 
-    def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0) -> None:
+    def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "") -> None:
         super().__init__(step, reason, rank=rank)
         self.last_checkpoint = last_checkpoint
+        self.lost = lost
 
     def __str__(self) -> str:
-        return (f"stopped during step {self.step + 1} ({self.reason}): the signal reached the DataLoader workers too, "
+        how = f" ({self.lost})" if self.lost else ""
+        return (f"stopped during step {self.step + 1} ({self.reason}): the step's batch was lost with the stop{how}, "
                 f"so the step could not finish and nothing new was saved; resume continues from "
                 f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
 

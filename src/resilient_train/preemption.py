@@ -134,11 +134,12 @@ class StopRequest:
         words), or it had not yet and the worker's batch died in transfer: the connection its
         tensors come through (`file_descriptor` sharing) reset or closed (seen in CI: exit 1
         with "storage unreachable (ConnectionResetError...)" instead of 75)."""
-        return self.reason is not None and (_worker_death(exc) or isinstance(exc, (ConnectionError, EOFError)))
+        return self.reason is not None and (_worker_death(exc) or isinstance(exc, _LOST_IN_TRANSFER))
 
 
 # what a DataLoader worker killed by a stop signal can surface as in the main process (see explains)
-WORKER_LOSS = (RuntimeError, ConnectionError, EOFError)
+_LOST_IN_TRANSFER = (ConnectionError, EOFError)
+WORKER_LOSS = (RuntimeError, *_LOST_IN_TRANSFER)
 
 
 def _worker_death(exc: BaseException) -> bool:

@@ -85,9 +85,11 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
     except WORKER_LOSS as exc:
         if not session.stop.explains(exc):
             raise
+        lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     session.saver.finish()
     fabric = session.setup.fabric
-    stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path, rank=fabric.global_rank)
+    stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path,
+                             rank=fabric.global_rank, lost=lost)
     info(fabric, str(stopped))
     raise stopped
 

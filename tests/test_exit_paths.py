@@ -17,6 +17,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import fsspec
+import fsspec.implementations.memory
 import pytest
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from conftest import REPO, TINY_TASK, cli_env, error_lines, run_cli
 from faulty_fs import Fault, FaultPlan, forget, in_step, install, named
-from helpers import committed_steps
+from helpers import committed_steps, run_cli_inprocess
 from resilient_train import Trainer, TrainingStopped, seed_everything
 
 
@@ -149,3 +151,50 @@ def test_ls_of_an_unreachable_bucket_fails_in_one_line() -> None:
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "unreachable" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+class _CutOffFileSystem(fsspec.implementations.memory.MemoryFileSystem):
+    """A store whose every read and listing fails as a dropped network connection does."""
+
+    protocol = "cutoff"
+
+    def _cut(self, *args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    cat_file = ls = info = exists = find = _cut
+
+
+def test_a_connection_error_inside_a_storage_call_says_the_storage_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from resilient_train.storage import Storage
+
+    fsspec.register_implementation("cutoff", _CutOffFileSystem, clobber=True)
+    monkeypatch.setattr(Storage, "retry_base_delay", 0.001)  # the retries still run, without their waits
+    proc = run_cli_inprocess("ls", "cutoff://bucket/run")
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: storage unreachable (ConnectionResetError"), proc.stderr
+    assert "no committed checkpoint was changed" in lines[0]
+
+
+def test_a_connection_error_from_the_task_is_named_as_raised_not_blamed_on_the_storage(tmp_path: Path) -> None:
+    task = tmp_path / "calls_out.py"
+    task.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build(cfg):\n"
+        "    calls = [0]\n"
+        "    def training_step(model, batch):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == 3:  # the task's own client of some service lost its connection\n"
+        "            raise ConnectionResetError(104, 'Connection reset by peer')\n"
+        "        return nn.functional.mse_loss(model(batch[0]), batch[1])\n"
+        "    x = torch.randn(64, 4)\n"
+        "    return {'model': nn.Linear(4, 1), 'optimizer': lambda p: torch.optim.SGD(p, lr=0.1),\n"
+        "            'train_data': torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), 'training_step': training_step}\n"
+    )
+    run_dir = tmp_path / "run"
+    proc = run_cli_inprocess("run", str(task), "--run-dir", str(run_dir), "trainer.max_steps=10", "trainer.batch_size=8",
+                             "checkpoint.every_n_steps=1", "trainer.progress_bar=false", "trainer.accelerator=cpu")
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert lines == ["error: ConnectionResetError: [Errno 104] Connection reset by peer (rerun with --debug for the traceback)"], proc.stderr
+    assert committed_steps(str(run_dir)) == [1, 2]  # the steps before it stay committed

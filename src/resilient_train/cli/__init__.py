@@ -114,20 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `inspect --json | head`: the reader stopped reading, nothing is wrong
         _silence_stdout()
         return 0
-    except (ConnectionError, TimeoutError) as exc:
+    except Exception as exc:  # a store out of reach, a bug in the task or here: one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"error: storage unreachable ({type(exc).__name__}: {_first_line(exc)}); check the network or the "
-              "storage URL and run the command again (no checkpoint was changed)", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # a bug in the task or here: one line unless --debug
-        if debug:
-            traceback.print_exc()
-        if _is_connection_error(exc):
-            print(f"error: storage unreachable ({type(exc).__name__}: {_first_line(exc)}); check the network or the "
-                  "storage URL and run the command again (no checkpoint was changed)", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"error: {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {_unexpected(exc)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         StopRequest.forget_early()
@@ -137,13 +127,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    """aiohttp's connection errors (gcsfs) are OSErrors but not ConnectionErrors; match by type."""
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
+def _unexpected(exc: Exception) -> str:
+    """The one line for an error that is not ours: a store out of reach says so and what to do;
+    anything else (the task's own code, a DataLoader worker lost on its own) is named as raised."""
+    from resilient_train.storage.retry import unreachable  # only now: it imports fsspec
+
+    if unreachable(exc):
+        return (f"storage unreachable ({type(exc).__name__}: {_first_line(exc)}); check the network or the storage URL "
+                "and run the command again (no committed checkpoint was changed)")
+    return f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
 
 
 def _silence_stdout() -> None:

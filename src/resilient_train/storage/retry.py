@@ -9,6 +9,7 @@ import errno
 import logging
 import random
 import time
+import traceback
 from typing import Callable, TypeVar
 
 log = logging.getLogger("resilient_train.storage")
@@ -24,21 +25,46 @@ def is_transient(exc: BaseException) -> bool:
     """Whether an error from a storage call is worth retrying (by type and code, never by text)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if _connection_failure(exc):
         return True
     if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
         return True
     code = getattr(exc, "code", None) or getattr(exc, "status", None)
-    if isinstance(code, int) and code in TRANSIENT_HTTP:
-        return True
-    try:  # aiohttp (used by gcsfs) raises its own connection errors
-        import aiohttp
+    return isinstance(code, int) and code in TRANSIENT_HTTP
 
-        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError)):
+
+# the code a storage call runs through: ours, fsspec's, and the libraries of its backends
+_STORAGE_CODE = ("resilient_train.storage", "fsspec", "gcsfs", "aiohttp", "google")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says a store could not be reached: a connection or timeout error raised
+    inside a storage call.
+
+    Judged by where it was raised (the modules of the frames it passed through), not by its type
+    alone: the same ConnectionResetError comes from a DataLoader worker whose batch was lost in
+    transfer, or from the task's own code, and calling that "storage unreachable" would send the
+    user to check a network that is fine.
+    """
+    if not _connection_failure(exc):
+        return False
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        module = str(frame.f_globals.get("__name__", ""))
+        if any(module == name or module.startswith(name + ".") for name in _STORAGE_CODE):
             return True
-    except ImportError:  # pragma: no cover
-        pass
     return False
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    """A connection that failed or timed out, as Python or aiohttp (gcsfs's transport) says it:
+    aiohttp's connection errors are OSErrors but not ConnectionErrors."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:

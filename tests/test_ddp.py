@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_TASK, committed_steps_on_disk, run_cli, start_cli, wait_for
+from conftest import TINY_TASK, committed_steps_on_disk, error_lines, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,31 @@ def test_two_process_ddp_run_interrupted_and_resumed_matches_uninterrupted(tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_rank_that_loses_its_batch_to_a_group_stop_ends_every_rank_with_75(tmp_path: Path) -> None:
+    """Rank 0's batch is lost to a stop signal sent to the whole group, before the step's gradient
+    all-reduce; rank 1 got its batch and waits in that all-reduce until rank 0 has left. Both
+    stop without saving (exit 75), and the run resumes from the checkpoint before."""
+    run_dir = tmp_path / "run"
+    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *DDP, "task.lose_batch_at=9", "task.kill_rank=0",
+                     "checkpoint.stop_signals=[SIGUSR1,SIGTERM]")  # a group of its own: the signal goes to the run's processes
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    wait_for(lambda: not _group_alive(proc.pid), timeout=60)  # rank 1 is gone too, not left waiting
+    assert error_lines(err) == [] and "Traceback" not in err, err[-3000:]  # rank 1 stopped as quietly as rank 0
+    stopped = [line for line in err.splitlines() if "stopped during step 5" in line]  # calls 9-10 are step 5
+    assert len(stopped) == 1 and "batch was lost with the stop (ConnectionResetError" in stopped[0], err[-3000:]
+    assert committed_steps_on_disk(run_dir)[-1] == 4
+
+    resumed = run_cli("resume", str(run_dir), "task.lose_batch_at=0", "--allow-change", "task.lose_batch_at", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert committed_steps_on_disk(run_dir)[-1] == 30
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -121,6 +121,35 @@ def test_a_batch_lost_in_transfer_after_a_stop_signal_ends_the_run_with_75(tmp_p
     assert stopped.value.last_checkpoint is not None and stopped.value.last_checkpoint.endswith("step-000000004")
 
 
+# what gloo raises in a rank whose peer's process went away in the middle of a collective
+_GLOO_PEER_GONE = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29095. "
+                               "This is typically caused by a remote worker crashing.")
+
+
+def test_a_collective_left_by_another_rank_after_a_stop_signal_ends_the_run_with_75(tmp_path: Path) -> None:
+    from resilient_train.errors import StoppedMidStep
+
+    with pytest.raises(StoppedMidStep) as stopped:
+        _fit_losing_a_batch(tmp_path / "run", _GLOO_PEER_GONE)
+    assert stopped.value.code == 75 and stopped.value.step == 5
+    assert "another rank stopped during the step (RuntimeError: [third_party/gloo" in str(stopped.value)
+    assert "batch was lost" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("error", [_GLOO_PEER_GONE, RuntimeError("a task bug")], ids=["peer-gone", "task-bug"])
+def test_a_runtime_error_without_a_stop_is_not_taken_for_one(tmp_path: Path, error: BaseException) -> None:
+    with pytest.raises(RuntimeError) as raised:
+        _fit_losing_a_batch(tmp_path / "run", error, signal_first=False)
+    assert raised.value is error
+
+
+def test_a_task_bug_after_a_stop_signal_is_not_taken_for_the_stop(tmp_path: Path) -> None:
+    error = RuntimeError("shape mismatch in the task")
+    with pytest.raises(RuntimeError) as raised:
+        _fit_losing_a_batch(tmp_path / "run", error)
+    assert raised.value is error
+
+
 def test_a_connection_error_without_a_stop_is_not_taken_for_one(tmp_path: Path) -> None:
     with pytest.raises(ConnectionResetError):
         _fit_losing_a_batch(tmp_path / "run", ConnectionResetError(104, "Connection reset by peer"), signal_first=False)

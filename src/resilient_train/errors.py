@@ -64,20 +64,28 @@ class TrainingStopped(SystemExit):
         return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"
 
 
-class StoppedMidStep(TrainingStopped):
-    """A stop whose signal also took a batch the step still needed (its DataLoader worker killed,
-    or the batch lost in transfer): that step cannot finish, and its half-done state (RNG streams,
-    data position) is not a step boundary, so nothing new is saved; exit 75, and resume starts
-    from the newest checkpoint. `lost` is what the fetch raised, said as it is."""
+BATCH_LOST = "the step's batch was lost with the stop"
+PEER_LEFT = "another rank stopped during the step"
 
-    def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "") -> None:
+
+class StoppedMidStep(TrainingStopped):
+    """A stop that ended a step in its middle: its signal also took a batch the step still needed
+    (its DataLoader worker killed, or the batch lost in transfer; `cause` BATCH_LOST), or another
+    rank stopped that way while this one waited for it in the step's all-reduce (PEER_LEFT). That
+    step cannot finish, and its half-done state (RNG streams, data position) is not a step
+    boundary, so nothing new is saved; exit 75, and resume starts from the newest checkpoint.
+    `lost` is what was raised, said as it is."""
+
+    def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "",
+                 cause: str = BATCH_LOST) -> None:
         super().__init__(step, reason, rank=rank)
         self.last_checkpoint = last_checkpoint
         self.lost = lost
+        self.cause = cause
 
     def __str__(self) -> str:
         how = f" ({self.lost})" if self.lost else ""
-        return (f"stopped during step {self.step + 1} ({self.reason}): the step's batch was lost with the stop{how}, "
+        return (f"stopped during step {self.step + 1} ({self.reason}): {self.cause}{how}, "
                 f"so the step could not finish and nothing new was saved; resume continues from "
                 f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
 

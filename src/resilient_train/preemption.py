@@ -16,6 +16,7 @@ model ends the process with 75 before training, instead of the signal's default 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterable
 from types import FrameType
@@ -136,10 +137,28 @@ class StopRequest:
         with "storage unreachable (ConnectionResetError...)" instead of 75)."""
         return self.reason is not None and (_worker_death(exc) or isinstance(exc, _LOST_IN_TRANSFER))
 
+    def left_peers(self, exc: BaseException) -> bool:
+        """Whether `exc` is a collective that failed because another rank left during it, after a
+        stop reached this rank too: a group signal that took another rank's batch (`explains`)
+        ends that rank mid-step, while this one, whose batch came, waits for it in the step's
+        gradient all-reduce until its process is gone."""
+        return self.reason is not None and _peer_left(exc)
+
 
 # what a DataLoader worker killed by a stop signal can surface as in the main process (see explains)
 _LOST_IN_TRANSFER = (ConnectionError, EOFError)
 WORKER_LOSS = (RuntimeError, *_LOST_IN_TRANSFER)
+
+
+def _peer_left(exc: BaseException) -> bool:
+    """torch.distributed's words for a collective whose peer process went away: its own error
+    types (NCCL, the rendezvous store) or, from gloo, a plain RuntimeError saying the connection
+    was closed or reset by the peer."""
+    distributed = sys.modules.get("torch.distributed")
+    dist_error = getattr(distributed, "DistError", None)
+    if isinstance(dist_error, type) and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and ("closed by peer" in str(exc) or "reset by peer" in str(exc))
 
 
 def _worker_death(exc: BaseException) -> bool:

@@ -12,6 +12,9 @@ an earlier chunk of the same optimizer step may already have put gradients in pl
 smaller GPU does to a micro-batch that fit a larger one. `task.kill_at` SIGKILLs the process
 of global rank `task.kill_rank` at that call, in the first incarnation of a torchrun worker group
 only (TORCHELASTIC_RESTART_COUNT 0): a worker that dies, for torchrun to restart.
+`task.lose_batch_at` makes the process of global rank `task.kill_rank` lose its batch at that call
+as a group stop signal makes it lose one: SIGUSR1 goes to the whole process group (every rank),
+then the fetch's connection is reset (ConnectionResetError), before the step's collectives.
 `task.fetch_sleep` slows every sample's fetch (a data-bound run: the loop waits on its workers).
 `task.val_workers` adds validation data: a DataLoader with that many workers, each sample taking
 `task.val_fetch_sleep`; `task.val_marker` names a file the validation workers create when they
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "lose_batch_at": 0, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -50,6 +53,10 @@ class IndexedData(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": self.y[i], "index": i}
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def build(cfg):
     t = cfg.task
     model = nn.Sequential(nn.Linear(t.dim, t.hidden), nn.ReLU(), nn.Dropout(t.dropout), nn.Linear(t.hidden, 1))
@@ -67,6 +74,9 @@ def build(cfg):
         if t.kill_at and calls[0] == t.kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" \
                 and int(os.environ.get("RANK", "0")) == t.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
+        if t.get("lose_batch_at", 0) and calls[0] == t.lose_batch_at and _rank() == t.kill_rank:
+            os.killpg(os.getpgrp(), signal.SIGUSR1)
+            raise ConnectionResetError(104, "Connection reset by peer")
         if log_path:
             with open(log_path, "a") as f:
                 f.write(" ".join(str(int(i)) for i in batch["index"]) + "\n")

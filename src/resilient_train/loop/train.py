@@ -16,7 +16,7 @@ from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import format as fmt
 from resilient_train.config import TrainerConfig
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
-from resilient_train.errors import StoppedMidStep, TrainingStopped
+from resilient_train.errors import BATCH_LOST, PEER_LEFT, StoppedMidStep, TrainingStopped
 from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
@@ -79,17 +79,22 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
 
 def _forward_backward(session: Session, window: LogWindow) -> Any:
     """The step's forward and backward passes; a stop whose signal killed the DataLoader workers
-    before the step had its batches ends the run here (StoppedMidStep, exit 75, nothing saved)."""
+    before the step had its batches, or made another rank leave the step's all-reduce that way,
+    ends the run here (StoppedMidStep, exit 75, nothing saved)."""
     try:
         return session.forward_backward.run(session.progress, window.custom)
     except WORKER_LOSS as exc:
-        if not session.stop.explains(exc):
+        if session.stop.explains(exc):
+            cause = BATCH_LOST
+        elif session.stop.left_peers(exc):
+            cause = PEER_LEFT
+        else:
             raise
         lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     session.saver.finish()
     fabric = session.setup.fabric
     stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path,
-                             rank=fabric.global_rank, lost=lost)
+                             rank=fabric.global_rank, lost=lost, cause=cause)
     info(fabric, str(stopped))
     raise stopped
 
@@ -138,6 +143,8 @@ def _closing(window: LogWindow, agreement: StepAgreement) -> Iterator[None]:
     try:
         try:
             yield
+        except StoppedMidStep:
+            raise  # ranks that stop mid-step are at no common boundary: the exchange in flight may never finish
         except TrainingStopped:
             agreement.close()  # every rank stops at the same step with one exchange in flight
             raise

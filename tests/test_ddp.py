@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_a_rank_that_loses_its_batch_to_a_group_stop_ends_every_rank_with_75(tmp
     run_dir = tmp_path / "run"
     proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *DDP, "task.lose_batch_at=9", "task.kill_rank=0",
                      "checkpoint.stop_signals=[SIGUSR1,SIGTERM]")  # a group of its own: the signal goes to the run's processes
-    _, err = proc.communicate(timeout=240)
+    err = _stderr_or_kill(proc)
     assert proc.returncode == 75, err[-3000:]
     wait_for(lambda: not _group_alive(proc.pid), timeout=60)  # rank 1 is gone too, not left waiting
     assert error_lines(err) == [] and "Traceback" not in err, err[-3000:]  # rank 1 stopped as quietly as rank 0
@@ -76,9 +77,39 @@ def test_a_rank_that_loses_its_batch_to_a_group_stop_ends_every_rank_with_75(tmp
     assert committed_steps_on_disk(run_dir)[-1] == 30
 
 
+def test_a_rank_that_loses_a_validation_batch_to_a_group_stop_ends_every_rank_with_75(tmp_path: Path) -> None:
+    """Rank 0's validation after step 6 loses a batch to a stop signal sent to the whole group;
+    rank 1 finishes its share and waits in the validation's all-reduce. Neither may go on to a
+    save whose collectives the other would not meet: both stop without saving (exit 75)."""
+    run_dir = tmp_path / "run"
+    proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *DDP, "trainer.val_every_n_steps=6", "task.val_lose_at=18",
+                     "task.kill_rank=0", "checkpoint.stop_signals=[SIGUSR1,SIGTERM]")  # sample 18: in rank 0's second batch (the ranks take every other sample)
+    err = _stderr_or_kill(proc)
+    assert proc.returncode == 75, err[-3000:]
+    wait_for(lambda: not _group_alive(proc.pid), timeout=60)
+    assert error_lines(err) == [] and "Traceback" not in err, err[-3000:]
+    stopped = [line for line in err.splitlines() if "stopped during the validation after step 6" in line]
+    assert len(stopped) == 1 and "a batch was lost with the stop (ConnectionResetError" in stopped[0], err[-3000:]
+    assert committed_steps_on_disk(run_dir)[-1] == 4
+
+    resumed = run_cli("resume", str(run_dir), "task.val_lose_at=-1", "--allow-change", "task.val_lose_at", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert committed_steps_on_disk(run_dir)[-1] == 30
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def _stderr_or_kill(proc, timeout: float = 120) -> str:
+    """The run's stderr once it exits; a run that hangs (ranks left in collectives that never
+    match) is killed, group and all, so no process outlives the test."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise

@@ -132,7 +132,7 @@ def test_a_collective_left_by_another_rank_after_a_stop_signal_ends_the_run_with
     with pytest.raises(StoppedMidStep) as stopped:
         _fit_losing_a_batch(tmp_path / "run", _GLOO_PEER_GONE)
     assert stopped.value.code == 75 and stopped.value.step == 5
-    assert "another rank stopped during the step (RuntimeError: [third_party/gloo" in str(stopped.value)
+    assert "another rank stopped in the middle of it (RuntimeError: [third_party/gloo" in str(stopped.value)
     assert "batch was lost" not in str(stopped.value)
 
 

@@ -64,30 +64,32 @@ class TrainingStopped(SystemExit):
         return f"stopped at step {self.step} ({self.reason}); checkpoint committed, resume to continue"
 
 
-BATCH_LOST = "the step's batch was lost with the stop"
-PEER_LEFT = "another rank stopped during the step"
+BATCH_LOST = "a batch was lost with the stop"
+PEER_LEFT = "another rank stopped in the middle of it"
 
 
 class StoppedMidStep(TrainingStopped):
-    """A stop that ended a step in its middle: its signal also took a batch the step still needed
-    (its DataLoader worker killed, or the batch lost in transfer; `cause` BATCH_LOST), or another
-    rank stopped that way while this one waited for it in the step's all-reduce (PEER_LEFT). That
-    step cannot finish, and its half-done state (RNG streams, data position) is not a step
-    boundary, so nothing new is saved; exit 75, and resume starts from the newest checkpoint.
-    `lost` is what was raised, said as it is."""
+    """A stop that ended a step, or under DDP a validation, in its middle: its signal also took a
+    batch still needed (its DataLoader worker killed, or the batch lost in transfer; `cause`
+    BATCH_LOST), or another rank stopped that way while this one waited for it in a collective
+    (PEER_LEFT). Half-done state (RNG streams, data position, ranks at different collectives) is
+    not a step boundary, so nothing new is saved; exit 75, and resume starts from the newest
+    checkpoint. `lost` is what was raised, said as it is; `step` is the last finished step."""
 
     def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "",
-                 cause: str = BATCH_LOST) -> None:
+                 cause: str = BATCH_LOST, in_validation: bool = False) -> None:
         super().__init__(step, reason, rank=rank)
         self.last_checkpoint = last_checkpoint
         self.lost = lost
         self.cause = cause
+        self.in_validation = in_validation
 
     def __str__(self) -> str:
         how = f" ({self.lost})" if self.lost else ""
-        return (f"stopped during step {self.step + 1} ({self.reason}): {self.cause}{how}, "
-                f"so the step could not finish and nothing new was saved; resume continues from "
-                f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
+        during, outcome = ((f"the validation after step {self.step}", "the ranks cannot finish it together")
+                           if self.in_validation else (f"step {self.step + 1}", "the step could not finish"))
+        return (f"stopped during {during} ({self.reason}): {self.cause}{how}, so {outcome} and nothing new was saved; "
+                f"resume continues from {self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
 
 
 class StoppedBeforeTraining(TrainingStopped):

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any, ClassVar, Optional
 
+from resilient_train.errors import BATCH_LOST, PEER_LEFT
+
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT")
 # signals a scheduler or a person sends to ask a job to end; the others report faults, children,
 # terminals or timers (SLURM sends SIGCONT around a resume), and must keep their own meaning
@@ -129,20 +131,22 @@ class StopRequest:
         """Ask the loop to stop for a reason other than a signal (a deadline)."""
         self.reason = self.reason or reason
 
-    def explains(self, exc: BaseException) -> bool:
-        """Whether `exc` is a DataLoader worker's death this stop caused: the signal went to the
-        whole process group and the workers died of it. Either the loader noticed (torch's own
-        words), or it had not yet and the worker's batch died in transfer: the connection its
-        tensors come through (`file_descriptor` sharing) reset or closed (seen in CI: exit 1
-        with "storage unreachable (ConnectionResetError...)" instead of 75)."""
-        return self.reason is not None and (_worker_death(exc) or isinstance(exc, _LOST_IN_TRANSFER))
+    def explains(self, exc: BaseException) -> Optional[str]:
+        """How this stop caused `exc` in the middle of a step or validation (errors.BATCH_LOST or
+        PEER_LEFT), or None when it did not (no stop asked for, or an error of another kind).
 
-    def left_peers(self, exc: BaseException) -> bool:
-        """Whether `exc` is a collective that failed because another rank left during it, after a
-        stop reached this rank too: a group signal that took another rank's batch (`explains`)
-        ends that rank mid-step, while this one, whose batch came, waits for it in the step's
-        gradient all-reduce until its process is gone."""
-        return self.reason is not None and _peer_left(exc)
+        BATCH_LOST: a DataLoader worker died of the signal, which went to the whole process group.
+        Either the loader noticed (torch's own words), or it had not yet and the worker's batch
+        died in transfer: the connection its tensors come through (`file_descriptor` sharing)
+        reset or closed (seen in CI: exit 1 with "storage unreachable (ConnectionResetError...)"
+        instead of 75). PEER_LEFT: a collective failed because another rank left it; that rank
+        lost its batch so, while this one, whose batch came, waited for it in the all-reduce.
+        """
+        if self.reason is None:
+            return None
+        if _worker_death(exc) or isinstance(exc, _LOST_IN_TRANSFER):
+            return BATCH_LOST
+        return PEER_LEFT if _peer_left(exc) else None
 
 
 # what a DataLoader worker killed by a stop signal can surface as in the main process (see explains)

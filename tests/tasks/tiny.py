@@ -15,6 +15,8 @@ only (TORCHELASTIC_RESTART_COUNT 0): a worker that dies, for torchrun to restart
 `task.lose_batch_at` makes the process of global rank `task.kill_rank` lose its batch at that call
 as a group stop signal makes it lose one: SIGUSR1 goes to the whole process group (every rank),
 then the fetch's connection is reset (ConnectionResetError), before the step's collectives.
+`task.val_lose_at` does the same in the validation data: the fetch of that validation sample on rank
+`task.kill_rank` signals the group and fails.
 `task.fetch_sleep` slows every sample's fetch (a data-bound run: the loop waits on its workers).
 `task.val_workers` adds validation data: a DataLoader with that many workers, each sample taking
 `task.val_fetch_sleep`; `task.val_marker` names a file the validation workers create when they
@@ -29,15 +31,15 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "lose_batch_at": 0, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "lose_batch_at": 0, "val_lose_at": -1, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
 
 
 class IndexedData(torch.utils.data.Dataset):
-    def __init__(self, n: int, dim: int, fetch_sleep: float = 0.0, marker: str = "") -> None:
-        self.fetch_sleep, self.marker = fetch_sleep, marker
+    def __init__(self, n: int, dim: int, fetch_sleep: float = 0.0, marker: str = "", lose_at: int = -1, lose_rank: int = 0) -> None:
+        self.fetch_sleep, self.marker, self.lose_at, self.lose_rank = fetch_sleep, marker, lose_at, lose_rank
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, dim, generator=g)
         self.y = (self.x.sum(dim=1, keepdim=True) > 0).float()
@@ -46,6 +48,9 @@ class IndexedData(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int):
+        if i == self.lose_at and _rank() == self.lose_rank:
+            os.killpg(os.getpgrp(), signal.SIGUSR1)
+            raise ConnectionResetError(104, "Connection reset by peer")
         if self.marker:
             open(self.marker, "a").close()
         if self.fetch_sleep:
@@ -91,9 +96,9 @@ def build(cfg):
         return loss
 
     extra = {}
-    if t.get("val_workers", 0):
-        extra["val_data"] = torch.utils.data.DataLoader(IndexedData(64, t.dim, t.val_fetch_sleep, t.val_marker), batch_size=8,
-                                                        num_workers=t.val_workers)
+    if t.get("val_workers", 0) or t.get("val_lose_at", -1) >= 0:
+        val = IndexedData(64, t.dim, t.val_fetch_sleep, t.val_marker, t.get("val_lose_at", -1), t.kill_rank)
+        extra["val_data"] = torch.utils.data.DataLoader(val, batch_size=8, num_workers=t.val_workers)
     return {
         **extra,
         "model": model,

@@ -16,7 +16,7 @@ from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import format as fmt
 from resilient_train.config import TrainerConfig
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
-from resilient_train.errors import BATCH_LOST, PEER_LEFT, StoppedMidStep, TrainingStopped
+from resilient_train.errors import StoppedMidStep, TrainingStopped
 from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
@@ -84,19 +84,21 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
     try:
         return session.forward_backward.run(session.progress, window.custom)
     except WORKER_LOSS as exc:
-        if session.stop.explains(exc):
-            cause = BATCH_LOST
-        elif session.stop.left_peers(exc):
-            cause = PEER_LEFT
-        else:
+        cause = session.stop.explains(exc)
+        if cause is None:
             raise
-        lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        raise _stopped_mid_step(session, cause, exc) from exc
+
+
+def _stopped_mid_step(session: Session, cause: str, exc: BaseException, in_validation: bool = False) -> StoppedMidStep:
+    """The StoppedMidStep to raise, said once, after the background save in flight has finished."""
     session.saver.finish()
     fabric = session.setup.fabric
+    lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path,
-                             rank=fabric.global_rank, lost=lost, cause=cause)
+                             rank=fabric.global_rank, lost=lost, cause=cause, in_validation=in_validation)
     info(fabric, str(stopped))
-    raise stopped
+    return stopped
 
 
 def _capture(session: Session) -> fmt.Snapshot:
@@ -109,13 +111,18 @@ def _validate(session: Session, metrics: Optional[MetricsLogger], last: Optional
     """Validate, keep the best val_loss in the progress record, and report it with the val_<name>
     averages of the metrics training_step returns. A validation whose DataLoader workers died of
     the stop signal is not recorded (`last` is kept); training's state is untouched by it, so the
-    run still saves at this step."""
+    run still saves at this step. Under DDP it ends the run instead (StoppedMidStep, nothing saved):
+    the other ranks may still be in the validation's collectives (its final all-reduce, DDP's
+    buffer broadcast), which a save's collectives must not meet."""
     s, progress = session.setup, session.progress
     try:
         values = validate(s.fabric, s.parts.model, s.val_loader, s.step_fn, s.cfg.trainer.val_batches)
     except WORKER_LOSS as exc:
-        if not session.stop.explains(exc):
+        cause = session.stop.explains(exc)
+        if cause is None:
             raise
+        if s.fabric.world_size > 1:  # the ranks may be at different collectives now: none can go on to save
+            raise _stopped_mid_step(session, cause, exc, in_validation=True) from exc
         info(s.fabric, f"step {progress.step}: validation cut short ({session.stop.reason} reached its DataLoader workers); not recorded")
         return last
     val_loss = values["val_loss"]

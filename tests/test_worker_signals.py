@@ -132,7 +132,7 @@ def test_a_collective_left_by_another_rank_after_a_stop_signal_ends_the_run_with
     with pytest.raises(StoppedMidStep) as stopped:
         _fit_losing_a_batch(tmp_path / "run", _GLOO_PEER_GONE)
     assert stopped.value.code == 75 and stopped.value.step == 5
-    assert "another rank stopped in the middle of it (RuntimeError: [third_party/gloo" in str(stopped.value)
+    assert "another rank left in the middle of it (RuntimeError: [third_party/gloo" in str(stopped.value)
     assert "batch was lost" not in str(stopped.value)
 
 
@@ -221,3 +221,22 @@ def test_sigterm_to_the_process_group_during_validation_saves_the_step_exits_75_
     for name in ("straight", "group"):
         run_cli_inprocess("export", str(tmp_path / name), str(tmp_path / f"{name}.safetensors"), check=True)
     assert_same_weights(load_file(str(tmp_path / "group.safetensors")), load_file(str(tmp_path / "straight.safetensors")))
+
+
+def test_only_a_stop_signal_explains_a_lost_batch_or_a_peer_that_left() -> None:
+    from resilient_train import preemption
+    from resilient_train.errors import BATCH_LOST, PEER_LEFT
+
+    lost, peer_gone = ConnectionResetError(104, "Connection reset by peer"), _GLOO_PEER_GONE
+    deadline = preemption.StopRequest(["SIGUSR1"])
+    deadline.request("session budget")  # a deadline kills no worker and makes no rank leave
+    assert deadline.explains(lost) is None and deadline.explains(peer_gone) is None
+
+    previous = signal.getsignal(signal.SIGCHLD)
+    signalled = preemption.StopRequest(["SIGUSR1"])
+    try:
+        signalled._handle(signal.SIGUSR1, None)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert signalled.explains(lost) == BATCH_LOST and signalled.explains(peer_gone) == PEER_LEFT
+    assert signalled.explains(RuntimeError("a task bug")) is None

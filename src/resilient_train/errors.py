@@ -6,6 +6,7 @@ target not found, 75 stopped early after a committed checkpoint (a supervisor re
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 EXIT_OK = 0
@@ -45,17 +46,35 @@ class CheckpointError(ResilientTrainError):
     """A checkpoint is incomplete or corrupt, or cannot be applied to this model."""
 
 
+# set, while Fabric starts the other processes of `trainer.devices=N`, to the main process's pid
+# (runtime.children_know_their_parent): a process that finds another pid there is one of them
+MAIN_PID_VAR = "RESILIENT_TRAIN_MAIN_PID"
+
+
+def stop_exit_code() -> int:
+    """EXIT_STOPPED, except in a process Fabric's launcher started for `trainer.devices=N` (0).
+
+    Lightning's launcher SIGKILLs the main process as soon as one of those children exits with a
+    code other than 0, and only the main process's code reaches a supervisor. A child that said 75
+    would cut the main process short (its mirror upload, its trackers closing) and turn its 75
+    into -9, which a `resume` loop reads as a crash.
+    """
+    main = os.environ.get(MAIN_PID_VAR)
+    return 0 if main and main != str(os.getpid()) else EXIT_STOPPED
+
+
 class TrainingStopped(SystemExit):
     """Raised by `Trainer.fit` after a signal or deadline, once a checkpoint is committed.
 
     It subclasses SystemExit with code 75 so an unmodified training script exits with the code a
-    supervisor understands ("resume me"), while notebooks and callers can still catch it.
+    supervisor understands ("resume me"), while notebooks and callers can still catch it (0 in
+    the child processes of `trainer.devices=N`, see `stop_exit_code`).
     """
 
-    code: int  # always EXIT_STOPPED
+    code: int  # EXIT_STOPPED, or 0 in a child process of Fabric's launcher
 
     def __init__(self, step: int, reason: str, rank: int = 0) -> None:
-        super().__init__(EXIT_STOPPED)
+        super().__init__(stop_exit_code())
         self.step = step
         self.reason = reason
         self.rank = rank
@@ -65,16 +84,17 @@ class TrainingStopped(SystemExit):
 
 
 BATCH_LOST = "a batch was lost with the stop"
-PEER_LEFT = "another rank stopped in the middle of it"
+PEER_LEFT = "another rank left in the middle of it"
 
 
 class StoppedMidStep(TrainingStopped):
     """A stop that ended a step, or under DDP a validation, in its middle: its signal also took a
     batch still needed (its DataLoader worker killed, or the batch lost in transfer; `cause`
-    BATCH_LOST), or another rank stopped that way while this one waited for it in a collective
-    (PEER_LEFT). Half-done state (RNG streams, data position, ranks at different collectives) is
-    not a step boundary, so nothing new is saved; exit 75, and resume starts from the newest
-    checkpoint. `lost` is what was raised, said as it is; `step` is the last finished step."""
+    BATCH_LOST), or another rank's process left a collective this one waited in, after the stop
+    signal came (PEER_LEFT: most likely it stopped that way). Half-done state (RNG streams, data
+    position, ranks at different collectives) is not a step boundary, so nothing new is saved;
+    exit 75, and resume starts from the newest checkpoint. `lost` is what was raised, said as it
+    is; `step` is the last finished step."""
 
     def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "",
                  cause: str = BATCH_LOST, in_validation: bool = False) -> None:

@@ -16,7 +16,6 @@ model ends the process with 75 before training, instead of the signal's default 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Iterable
 from types import FrameType
@@ -59,6 +58,7 @@ class StopRequest:
 
     def __init__(self, signals: Iterable[Any] = DEFAULT_STOP_SIGNALS) -> None:
         self.reason: Optional[str] = None
+        self.signalled = False  # a stop signal came (not only a `request`): it may have reached other processes
         self.signals = tuple(dict.fromkeys(parse_signal(s) for s in signals))
         self._previous: dict[int, Any] = {}
 
@@ -69,6 +69,7 @@ class StopRequest:
         early = StopRequest._early
         if early is not None and early is not self:  # after our handlers are in: no request falls between
             self.reason = self.reason or early.reason
+            self.signalled = self.signalled or early.signalled
         return self
 
     @classmethod
@@ -80,6 +81,7 @@ class StopRequest:
         early.__enter__()
         if previous is not None:
             early.reason = early.reason or previous.reason
+            early.signalled = early.signalled or previous.signalled
             for sig, handler in previous._previous.items():
                 if sig in early._previous:  # taken over: what to put back at the end is the original
                     early._previous[sig] = handler
@@ -121,6 +123,7 @@ class StopRequest:
         while True:
             try:
                 self.reason = signal.Signals(signum).name
+                self.signalled = True
                 _quiet_worker_deaths()
                 return
             except RuntimeError as exc:
@@ -133,16 +136,18 @@ class StopRequest:
 
     def explains(self, exc: BaseException) -> Optional[str]:
         """How this stop caused `exc` in the middle of a step or validation (errors.BATCH_LOST or
-        PEER_LEFT), or None when it did not (no stop asked for, or an error of another kind).
+        PEER_LEFT), or None when it did not: no stop signal came (a deadline's `request` kills no
+        worker and makes no rank leave), or an error of another kind.
 
         BATCH_LOST: a DataLoader worker died of the signal, which went to the whole process group.
         Either the loader noticed (torch's own words), or it had not yet and the worker's batch
         died in transfer: the connection its tensors come through (`file_descriptor` sharing)
         reset or closed (seen in CI: exit 1 with "storage unreachable (ConnectionResetError...)"
-        instead of 75). PEER_LEFT: a collective failed because another rank left it; that rank
-        lost its batch so, while this one, whose batch came, waited for it in the all-reduce.
+        instead of 75). PEER_LEFT: a collective failed because another rank's process left it,
+        most likely because it lost its batch so while this one, whose batch came, waited for it
+        in the all-reduce (gloo; see `_peer_left`).
         """
-        if self.reason is None:
+        if not self.signalled:
             return None
         if _worker_death(exc) or isinstance(exc, _LOST_IN_TRANSFER):
             return BATCH_LOST
@@ -155,13 +160,9 @@ WORKER_LOSS = (RuntimeError, *_LOST_IN_TRANSFER)
 
 
 def _peer_left(exc: BaseException) -> bool:
-    """torch.distributed's words for a collective whose peer process went away: its own error
-    types (NCCL, the rendezvous store) or, from gloo, a plain RuntimeError saying the connection
-    was closed or reset by the peer."""
-    distributed = sys.modules.get("torch.distributed")
-    dist_error = getattr(distributed, "DistError", None)
-    if isinstance(dist_error, type) and isinstance(exc, dist_error):
-        return True
+    """gloo's words for a collective whose peer process went away: a plain RuntimeError saying
+    the connection was closed or reset by the peer. NCCL raises nothing in the main thread then
+    (its watchdog ends the process after the collective's timeout), so this is gloo's case only."""
     return isinstance(exc, RuntimeError) and ("closed by peer" in str(exc) or "reset by peer" in str(exc))
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from resilient_train.config import TrainerConfig
-from resilient_train.errors import UsageError
+from resilient_train.errors import MAIN_PID_VAR, UsageError
 
 log = logging.getLogger("resilient_train")
 
@@ -162,3 +163,37 @@ def join_elastic_process_group(fabric: Fabric) -> None:
     if fabric.device.type == "cuda":  # as Fabric does: NCCL starts eagerly on this rank's own GPU
         extra["device_id"] = fabric.device
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout, **extra)
+
+
+@contextlib.contextmanager
+def children_know_their_parent() -> Iterator[None]:
+    """While Fabric starts the other processes of `trainer.devices=N`, their environment names
+    this process as the main one (errors.MAIN_PID_VAR), so they exit 0 after a stop and leave 75
+    to it (errors.stop_exit_code). Taken out of this process's environment again afterwards: a
+    process it starts later (`!python -m resilient_train resume` from a notebook) is no child of
+    Fabric's. A process that already has it is such a child (or was started by one) and keeps it.
+    """
+    if MAIN_PID_VAR in os.environ:
+        yield
+        return
+    os.environ[MAIN_PID_VAR] = str(os.getpid())
+    try:
+        yield
+    finally:
+        os.environ.pop(MAIN_PID_VAR, None)
+
+
+def stop_watching_children(fabric: Fabric) -> None:
+    """Take the processes Fabric's launcher started for `trainer.devices=N` off its observer, once
+    the ranks have agreed to stop or to end (a no-op for other launchers and on other ranks).
+
+    From then on a child may be done first (its last collective behind it) while this process
+    still closes the mirror and the trackers, and a child's interpreter sometimes aborts in its
+    teardown after its work is done (-6). Lightning's observer SIGKILLs this process as soon as a
+    child's exit code is not 0, which would turn this process's 75 (or 0) into -9. The observer
+    watches the launcher's own list of processes, so emptying that list ends the watch.
+    """
+    launcher = getattr(fabric.strategy, "launcher", None)
+    children = getattr(launcher, "procs", None)
+    if isinstance(children, list):
+        children.clear()

@@ -25,10 +25,12 @@ from resilient_train.preemption import StopRequest
 from resilient_train.run.folder import RunFolder
 from resilient_train.runtime import (
     build_fabric,
+    children_know_their_parent,
     effective_precision,
     join_elastic_process_group,
     release_process_groups_at_exit,
     resolve_precision,
+    stop_watching_children,
 )
 from resilient_train.storage import Storage
 from resilient_train.task import Task
@@ -77,7 +79,8 @@ class Trainer:
             self.fabric = build_fabric(cfg, self.precision)
             self.precision = effective_precision(self.fabric, self.precision)  # what checkpoints and sessions record
             join_elastic_process_group(self.fabric)
-            self.fabric.launch()
+            with children_know_their_parent():
+                self.fabric.launch()
             if self.fabric.world_size > 1:
                 release_process_groups_at_exit()
         return self.fabric
@@ -118,6 +121,7 @@ class Trainer:
         fabric = self.launch()
         if not agree(fabric, reason is not None):
             return
+        stop_watching_children(fabric)
         stopped = StoppedBeforeTraining(reason or "another rank", rank=fabric.global_rank)
         info(fabric, str(stopped))  # the one line that says it (the CLI prints nothing more)
         raise stopped

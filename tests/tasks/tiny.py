@@ -17,12 +17,17 @@ as a group stop signal makes it lose one: SIGUSR1 goes to the whole process grou
 then the fetch's connection is reset (ConnectionResetError), before the step's collectives.
 `task.val_lose_at` does the same in the validation data: the fetch of that validation sample on rank
 `task.kill_rank` signals the group and fails.
+`task.linger` keeps the main process (local rank 0) alive that many seconds after it is done, as a
+mirror upload or a tracker closing can (an atexit hook). `task.child_exit` ends every other process
+Fabric started with that exit code once it is done (an atexit hook), as an interpreter that aborts
+in its teardown does (134, SIGABRT).
 `task.fetch_sleep` slows every sample's fetch (a data-bound run: the loop waits on its workers).
 `task.val_workers` adds validation data: a DataLoader with that many workers, each sample taking
 `task.val_fetch_sleep`; `task.val_marker` names a file the validation workers create when they
 start fetching (a test waits for it to signal a run in the middle of its validation).
 """
 
+import atexit
 import os
 import signal
 import time
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 CONFIG = {
-    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "lose_batch_at": 0, "val_lose_at": -1, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
+    "task": {"n": 256, "dim": 16, "hidden": 32, "lr": 0.01, "order_log": "", "sleep": 0.0, "dropout": 0.1, "ballast": 0, "fail_at": 0, "oom_above": 0, "oom_every": 1, "kill_at": 0, "kill_rank": 0, "lose_batch_at": 0, "val_lose_at": -1, "linger": 0.0, "child_exit": 0, "frozen": False, "fetch_sleep": 0.0, "val_workers": 0, "val_fetch_sleep": 0.0, "val_marker": ""},
     "trainer": {"max_steps": 40, "batch_size": 8, "log_every_n_steps": 5, "progress_bar": False},
     "checkpoint": {"every_n_steps": 5, "keep_last": 2},
 }
@@ -64,6 +69,10 @@ def _rank() -> int:
 
 def build(cfg):
     t = cfg.task
+    if t.get("linger", 0.0) and os.environ.get("LOCAL_RANK", "0") == "0":
+        atexit.register(time.sleep, t.linger)
+    if t.get("child_exit", 0) and os.environ.get("LOCAL_RANK", "0") != "0":
+        atexit.register(os._exit, t.child_exit)
     model = nn.Sequential(nn.Linear(t.dim, t.hidden), nn.ReLU(), nn.Dropout(t.dropout), nn.Linear(t.hidden, 1))
     if t.ballast:
         model.register_parameter("ballast", nn.Parameter(torch.zeros(t.ballast)))

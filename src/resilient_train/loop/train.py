@@ -23,6 +23,7 @@ from resilient_train.loop.validate import validate
 from resilient_train.loop.window import LogWindow, progress_bar
 from resilient_train.preemption import WORKER_LOSS
 from resilient_train.run.metrics import MetricsLogger
+from resilient_train.runtime import stop_watching_children
 
 
 def train(session: Session) -> tuple[Optional[float], Optional[float]]:
@@ -61,6 +62,8 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
                 session.stop.request("session budget")
             # no host sync per step: under DDP these are the flags all ranks raised a step ago
             stopping, time_due = agreement.exchange(session.stop.reason is not None, saver.policy.time_due())
+            if stopping or last_step:
+                stop_watching_children(fabric)  # a child done before this process must not end it (runtime.py)
             if stopping or last_step or saver.due(step, time_due):
                 if metrics is not None:  # before the commit: a kill right after it loses no rows
                     metrics.flush()
@@ -92,8 +95,9 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
 
 def _stopped_mid_step(session: Session, cause: str, exc: BaseException, in_validation: bool = False) -> StoppedMidStep:
     """The StoppedMidStep to raise, said once, after the background save in flight has finished."""
-    session.saver.finish()
     fabric = session.setup.fabric
+    stop_watching_children(fabric)
+    session.saver.finish()
     lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path,
                              rank=fabric.global_rank, lost=lost, cause=cause, in_validation=in_validation)

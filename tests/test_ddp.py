@@ -74,6 +74,8 @@ def test_a_rank_that_loses_its_batch_to_a_group_stop_ends_every_rank_with_75(tmp
     said = "a batch was lost with the stop (ConnectionResetError" if losing == 0 else "another rank left in the middle of it (RuntimeError"
     assert len(stopped) == 1 and said in stopped[0], err[-3000:]
     assert committed_steps_on_disk(run_dir)[-1] == 4
+    if losing:
+        return  # the resume below is the same for both
 
     resumed = run_cli("resume", str(run_dir), "task.lose_batch_at=0", "--allow-change", "task.lose_batch_at", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -93,22 +95,17 @@ def test_a_rank_that_loses_a_validation_batch_to_a_group_stop_ends_every_rank_wi
     assert error_lines(err) == [] and "Traceback" not in err, err[-3000:]
     stopped = [line for line in err.splitlines() if "stopped during the validation after step 6" in line]
     assert len(stopped) == 1 and "a batch was lost with the stop (ConnectionResetError" in stopped[0], err[-3000:]
-    assert committed_steps_on_disk(run_dir)[-1] == 4
-
-    resumed = run_cli("resume", str(run_dir), "task.val_lose_at=-1", "--allow-change", "task.val_lose_at", timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert committed_steps_on_disk(run_dir)[-1] == 30
+    assert committed_steps_on_disk(run_dir)[-1] == 4  # a resume from there: see the test above
 
 
-@pytest.mark.parametrize("child_exit", [0, 134], ids=["child-exits-cleanly", "child-aborts-in-teardown"])
-def test_a_stop_exits_75_though_the_main_process_finishes_last(tmp_path: Path, child_exit: int) -> None:
+def test_a_stop_exits_75_though_the_main_process_finishes_last(tmp_path: Path) -> None:
     """The main process lingers 7 s after the stop (as a mirror upload or a tracker closing can)
-    while rank 1, which Fabric's launcher started, is done at once, and may die in its teardown.
-    Lightning's launcher SIGKILLs the main process when a child exits with a code other than 0
-    (it polls every 5 s): the run ended with -9 when the child said 75."""
+    while rank 1, which Fabric's launcher started, is done at once and dies in its teardown (as an
+    interpreter that aborts there does). Lightning's launcher SIGKILLs the main process when a
+    child exits with a code other than 0 (it polls every 5 s): the run ended with -9."""
     run_dir = tmp_path / "run"
     proc = start_cli("run", TINY_TASK, "--run-dir", str(run_dir), *DDP, "trainer.max_steps=300", "task.linger=7",
-                     f"task.child_exit={child_exit}")
+                     "task.child_exit=134")
     wait_for(lambda: proc.poll() is not None or committed_steps_on_disk(run_dir))
     os.kill(proc.pid, signal.SIGTERM)
     err = _stderr_or_kill(proc)

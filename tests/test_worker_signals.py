@@ -240,3 +240,32 @@ def test_only_a_stop_signal_explains_a_lost_batch_or_a_peer_that_left() -> None:
         signal.signal(signal.SIGCHLD, previous)
     assert signalled.explains(lost) == BATCH_LOST and signalled.explains(peer_gone) == PEER_LEFT
     assert signalled.explains(RuntimeError("a task bug")) is None
+
+
+def test_a_stop_exits_75_except_in_a_child_that_fabrics_launcher_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from resilient_train.errors import MAIN_PID_VAR, TrainingStopped
+
+    monkeypatch.delenv(MAIN_PID_VAR, raising=False)
+    assert TrainingStopped(3, "SIGTERM").code == 75  # a process of its own, or a torchrun worker
+    monkeypatch.setenv(MAIN_PID_VAR, str(os.getpid()))
+    assert TrainingStopped(3, "SIGTERM").code == 75  # the main process
+    monkeypatch.setenv(MAIN_PID_VAR, str(os.getpid() + 1))
+    assert TrainingStopped(3, "SIGTERM").code == 0  # a child: the main process says 75 for the run
+
+
+def test_only_fabrics_children_are_told_who_the_main_process_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from resilient_train.errors import MAIN_PID_VAR
+    from resilient_train.runtime import children_know_their_parent
+
+    monkeypatch.delenv(MAIN_PID_VAR, raising=False)
+    with children_know_their_parent():
+        assert os.environ[MAIN_PID_VAR] == str(os.getpid())  # what the children's environment is copied from
+    assert MAIN_PID_VAR not in os.environ  # a `resume` this process starts later is no child of Fabric's
+    monkeypatch.setenv(MAIN_PID_VAR, "12345")
+    with children_know_their_parent():
+        pass
+    assert os.environ[MAIN_PID_VAR] == "12345"  # a child keeps what its parent told it

@@ -251,8 +251,38 @@ def test_a_stop_exits_75_except_in_a_child_that_fabrics_launcher_started(monkeyp
     assert TrainingStopped(3, "SIGTERM").code == 75  # a process of its own, or a torchrun worker
     monkeypatch.setenv(MAIN_PID_VAR, str(os.getpid()))
     assert TrainingStopped(3, "SIGTERM").code == 75  # the main process
-    monkeypatch.setenv(MAIN_PID_VAR, str(os.getpid() + 1))
+    monkeypatch.setenv(MAIN_PID_VAR, str(os.getppid() + 1))
+    assert TrainingStopped(3, "SIGTERM").code == 75  # it inherited the variable from a grandparent: no child of Fabric's
+    monkeypatch.setenv(MAIN_PID_VAR, str(os.getppid()))
     assert TrainingStopped(3, "SIGTERM").code == 0  # a child: the main process says 75 for the run
+    assert TrainingStopped(3, "SIGTERM", code=75).code == 75  # a mid-step stop under NCCL keeps the watch (loop/train.py)
+
+
+def test_taking_the_children_off_the_observer_ends_its_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.stop_watching_children relies on Lightning's observer watching the launcher's own
+    list of child processes; a Lightning that copied it would make the fix silently do nothing."""
+    from types import SimpleNamespace
+
+    from lightning_fabric.plugins.environments import LightningEnvironment
+    from lightning_fabric.strategies.launchers import subprocess_script
+
+    from resilient_train.runtime import stop_watching_children
+
+    started = []
+    monkeypatch.setattr(subprocess_script._ChildProcessObserver, "start", lambda self: started.append(self))
+    launcher = subprocess_script._SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
+    child.wait()
+    launcher.procs.append(child)
+    subprocess_script._launch_process_observer(launcher.procs)  # what launch() does after starting the children
+    observer = started[0]
+    killed = []
+    monkeypatch.setattr(observer, "_terminate_all", lambda: killed.append(True))
+    assert observer._run() and killed  # watched: a child's 75 ends the main process
+
+    killed.clear()
+    stop_watching_children(SimpleNamespace(strategy=SimpleNamespace(launcher=launcher)))
+    assert observer._run() and not killed  # no longer watched
 
 
 def test_only_fabrics_children_are_told_who_the_main_process_is(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,10 +57,10 @@ def stop_exit_code() -> int:
     Lightning's launcher SIGKILLs the main process as soon as one of those children exits with a
     code other than 0, and only the main process's code reaches a supervisor. A child that said 75
     would cut the main process short (its mirror upload, its trackers closing) and turn its 75
-    into -9, which a `resume` loop reads as a crash.
+    into -9, which a `resume` loop reads as a crash. Such a child is a direct child of the process
+    the variable names; any other process that inherited the variable says 75.
     """
-    main = os.environ.get(MAIN_PID_VAR)
-    return 0 if main and main != str(os.getpid()) else EXIT_STOPPED
+    return 0 if os.environ.get(MAIN_PID_VAR) == str(os.getppid()) else EXIT_STOPPED
 
 
 class TrainingStopped(SystemExit):
@@ -73,8 +73,8 @@ class TrainingStopped(SystemExit):
 
     code: int  # EXIT_STOPPED, or 0 in a child process of Fabric's launcher
 
-    def __init__(self, step: int, reason: str, rank: int = 0) -> None:
-        super().__init__(stop_exit_code())
+    def __init__(self, step: int, reason: str, rank: int = 0, code: Optional[int] = None) -> None:
+        super().__init__(stop_exit_code() if code is None else code)
         self.step = step
         self.reason = reason
         self.rank = rank
@@ -97,8 +97,8 @@ class StoppedMidStep(TrainingStopped):
     is; `step` is the last finished step."""
 
     def __init__(self, step: int, reason: str, last_checkpoint: Optional[str], rank: int = 0, lost: str = "",
-                 cause: str = BATCH_LOST, in_validation: bool = False) -> None:
-        super().__init__(step, reason, rank=rank)
+                 cause: str = BATCH_LOST, in_validation: bool = False, code: Optional[int] = None) -> None:
+        super().__init__(step, reason, rank=rank, code=code)
         self.last_checkpoint = last_checkpoint
         self.lost = lost
         self.cause = cause

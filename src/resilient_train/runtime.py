@@ -197,3 +197,14 @@ def stop_watching_children(fabric: Fabric) -> None:
     children = getattr(launcher, "procs", None)
     if isinstance(children, list):
         children.clear()
+
+
+def peers_notice_a_leaver(fabric: Fabric) -> bool:
+    """Whether a rank waiting in a collective gets an error when another rank's process leaves:
+    gloo says "Connection closed by peer" at once; NCCL raises nothing in the waiting thread (its
+    watchdog ends the process at the collective's timeout). True on a single process."""
+    if fabric.world_size == 1:
+        return True
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_backend() == "gloo"

@@ -35,6 +35,7 @@ from resilient_train.microbatch import MicroBatchFit
 from resilient_train.preemption import StopRequest
 from resilient_train.run.folder import RunFolder
 from resilient_train.run.history import adopt
+from resilient_train.runtime import stop_watching_children
 from resilient_train.storage import Storage
 from resilient_train.task import Task
 
@@ -155,6 +156,7 @@ def start(setup: Setup, stop: StopRequest, identity: RunIdentity) -> Session:
     resumed = resume(fabric, setup.managers, setup.parts, setup.layout, tcfg.max_steps, identity.precision,
                      identity.changes, schedule_to)
     if agree(fabric, stop.reason is not None):
+        stop_watching_children(fabric)  # every rank agreed: a child done first must not end this one
         info(fabric, f"stopped by {stop.reason or 'another rank'} while resuming; nothing new to save, resume to continue")
         raise TrainingStopped(resumed.progress.step, stop.reason or "signal", rank=fabric.global_rank)
     if schedule_to is not None and resumed.step is None:  # a fresh start (a resume checked its restored one)

@@ -16,14 +16,14 @@ from resilient_train.agreement import StepAgreement
 from resilient_train.checkpoint import format as fmt
 from resilient_train.config import TrainerConfig
 from resilient_train.deadline import SessionDeadline, budget_seconds, session_elapsed_offset
-from resilient_train.errors import StoppedMidStep, TrainingStopped
+from resilient_train.errors import EXIT_STOPPED, StoppedMidStep, TrainingStopped
 from resilient_train.loop.comm import info
 from resilient_train.loop.session import Session
 from resilient_train.loop.validate import validate
 from resilient_train.loop.window import LogWindow, progress_bar
 from resilient_train.preemption import WORKER_LOSS
 from resilient_train.run.metrics import MetricsLogger
-from resilient_train.runtime import stop_watching_children
+from resilient_train.runtime import peers_notice_a_leaver, stop_watching_children
 
 
 def train(session: Session) -> tuple[Optional[float], Optional[float]]:
@@ -62,12 +62,12 @@ def train(session: Session) -> tuple[Optional[float], Optional[float]]:
                 session.stop.request("session budget")
             # no host sync per step: under DDP these are the flags all ranks raised a step ago
             stopping, time_due = agreement.exchange(session.stop.reason is not None, saver.policy.time_due())
-            if stopping or last_step:
-                stop_watching_children(fabric)  # a child done before this process must not end it (runtime.py)
             if stopping or last_step or saver.due(step, time_due):
                 if metrics is not None:  # before the commit: a kill right after it loses no rows
                     metrics.flush()
                 saver.save(step, lambda: _capture(session), {"loss": loss, "val_loss": val_loss}, final=stopping or last_step)
+            if stopping or last_step:  # every rank reached the final commit: a child done first must not end this one
+                stop_watching_children(fabric)
             if stopping:
                 saver.finish()
                 stopped = TrainingStopped(step, session.stop.reason or "another rank", rank=fabric.global_rank)
@@ -94,13 +94,23 @@ def _forward_backward(session: Session, window: LogWindow) -> Any:
 
 
 def _stopped_mid_step(session: Session, cause: str, exc: BaseException, in_validation: bool = False) -> StoppedMidStep:
-    """The StoppedMidStep to raise, said once, after the background save in flight has finished."""
+    """The StoppedMidStep to raise, said once, after the background save in flight has finished.
+
+    Under gloo every rank learns that another one left (`explains`), so the ranks all end here
+    and a child's 75 must not get the main process killed (`stop_watching_children`, code 0 in
+    a child). Under NCCL a rank waiting in a collective learns nothing, and Lightning's observer
+    killing the main process when a child exits 75 is what ends it (in seconds, not at the
+    collective's timeout): there the children keep 75 and the watch stays.
+    """
     fabric = session.setup.fabric
-    stop_watching_children(fabric)
+    peers_notice = peers_notice_a_leaver(fabric)
+    if peers_notice:
+        stop_watching_children(fabric)
     session.saver.finish()
     lost = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     stopped = StoppedMidStep(session.progress.step, session.stop.reason or "a stop", session.saver.last_path,
-                             rank=fabric.global_rank, lost=lost, cause=cause, in_validation=in_validation)
+                             rank=fabric.global_rank, lost=lost, cause=cause, in_validation=in_validation,
+                             code=None if peers_notice else EXIT_STOPPED)
     info(fabric, str(stopped))
     return stopped
 

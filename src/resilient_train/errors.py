@@ -47,7 +47,7 @@ class CheckpointError(ResilientTrainError):
 
 
 # set, while Fabric starts the other processes of `trainer.devices=N`, to the main process's pid
-# (runtime.children_know_their_parent): a process that finds another pid there is one of them
+# (runtime.children_know_their_parent): a process whose parent's pid is there is one of them
 MAIN_PID_VAR = "RESILIENT_TRAIN_MAIN_PID"
 
 

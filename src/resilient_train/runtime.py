@@ -185,7 +185,8 @@ def children_know_their_parent() -> Iterator[None]:
 
 def stop_watching_children(fabric: Fabric) -> None:
     """Take the processes Fabric's launcher started for `trainer.devices=N` off its observer, once
-    the ranks have agreed to stop or to end (a no-op for other launchers and on other ranks).
+    every rank is past the collectives of its end: the final commit, or a stop they agreed on
+    (a no-op for other launchers and on other ranks).
 
     From then on a child may be done first (its last collective behind it) while this process
     still closes the mirror and the trackers, and a child's interpreter sometimes aborts in its

@@ -31,6 +31,27 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def test_each_command_module_answers_to_its_name_in_the_table() -> None:
+    from resilient_train.cli.commands import COMMANDS, load
+
+    assert {name: load(name).NAME for name in COMMANDS} == {name: name for name in COMMANDS}
+
+
+@pytest.mark.parametrize("argv, parsed", [
+    (["run", "t.py"], ["run"]),
+    (["--debug", "ls", "r"], ["ls"]),
+    (["--help", "run"], "all"),  # the top-level help lists every command
+    (["frobnicate"], "all"),  # an unknown command is answered with every choice
+    ([], "all"),
+])
+def test_the_parser_holds_only_the_command_it_parses(argv: list[str], parsed) -> None:
+    from resilient_train.cli import build_parser
+    from resilient_train.cli.commands import COMMANDS
+
+    choices = list(build_parser(argv)._subparsers._group_actions[0].choices)
+    assert choices == (list(COMMANDS) if parsed == "all" else parsed)
+
+
 def test_unknown_command_is_usage_error() -> None:
     _assert_one_error_line(run_cli_inprocess("frobnicate"), 2, "frobnicate")
 

@@ -318,6 +318,25 @@ def test_to_dictconfig_is_a_typed_copy_the_task_may_change():
     assert "max_steps: 500" in resolved.to_yaml() and resolved.hash() == config.resolve(TASK_CONFIG).hash()
 
 
+@pytest.mark.parametrize("layers", [
+    [TASK_CONFIG],
+    [{"task": {"x": 1, "ref": "${seed}", "esc": "\\${task.x}", "l": [1, {"a": None}]}}, {"seed": 3}],
+    [{"logging": {"trackers": "TensorBoard"}, "trainer": {"max_steps": 7}}],  # normalised by __post_init__
+    [{"task": {"f": 1.0, "i": 1, "b": True}}, {"checkpoint": {"every_n_steps": None}}],
+])
+def test_the_task_gets_the_same_view_as_one_built_from_the_resolved_values(layers):
+    """`resolve` hands its merged config on as the view only when it holds exactly the resolved
+    values: an interpolation, an escaped `${` or a value `__post_init__` changed gets a view built
+    from the object, as before."""
+    resolved = config.resolve(*layers)
+    view, built = resolved.to_dictconfig(), OmegaConf.structured(resolved)
+    assert OmegaConf.get_type(view) is RunConfig
+    assert OmegaConf.to_container(view, resolve=False) == OmegaConf.to_container(built, resolve=False)
+    assert resolved.to_yaml() == OmegaConf.to_yaml(built)
+    view.seed = 99  # the task's copy: nothing in it refers back to another key
+    assert OmegaConf.to_container(view.task, resolve=True) == OmegaConf.to_container(built.task, resolve=True)
+
+
 @pytest.mark.parametrize("task", [
     {"x": 1, "s": ["???", "${task.x}", "\\${task.x}", "1", "1.5", "true", "null", "", " lead", "a: b", "- x", "#c", "é✓"]},
     {"multi": "line one\nline two\n", "long": "word " * 40, "quote": "it's \"q\"", "tab": "a\tb"},

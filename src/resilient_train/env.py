@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -9,7 +10,10 @@ from importlib import metadata
 from typing import Any
 
 
+@functools.cache
 def _version(dist: str) -> str | None:
+    """An installed distribution's version, looked up once per process: the lookup scans every
+    entry of sys.path (~0.75 ms), and a run records the fingerprint at start and at each resume."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

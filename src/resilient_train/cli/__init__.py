@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Any, NoReturn, Optional, Sequence, cast
 
-from resilient_train.cli.commands import COMMANDS
+from resilient_train.cli.commands import COMMANDS, load
 from resilient_train.errors import EXIT_FAILED, ResilientTrainError, TrainingStopped, UsageError
 
 
@@ -46,8 +46,12 @@ def _missing(command: str, names: list[str], example: Optional[str]) -> str:
     return f"{command} needs {what}" + (f", e.g. `{example}`" if example else "")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command in `commands.COMMANDS`, each with the common options (--debug)."""
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of the commands in `commands.COMMANDS`, each with the common options (--debug).
+
+    Only the command `argv` names when it names one before any `-h`/`--help` (what parsing it
+    needs); every command otherwise (the listing of `--help`, an unknown command's choices).
+    """
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser = _Parser(
@@ -60,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
                parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser))
     sub.required = True
-    for command in COMMANDS.values():
-        command.add_parser(sub, common)
+    for name in _commands_to_parse(argv):
+        load(name).add_parser(sub, common)
     return parser
+
+
+def _commands_to_parse(argv: Sequence[str]) -> Sequence[str]:
+    for word in argv:
+        if word in ("-h", "--help"):
+            break
+        if not word.startswith("-"):
+            return [word] if word in COMMANDS else list(COMMANDS)
+    return list(COMMANDS)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -99,8 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if next((word for word in argv if not word.startswith("-")), None) in _TRAINING_COMMANDS:
         StopRequest.listen_early()  # a stop from the first second: 75, never the signal's default action
     try:
-        args = _parse(build_parser(), argv)
-        return int(COMMANDS[args.command].run(args) or 0)
+        args = _parse(build_parser(argv), argv)
+        return int(load(args.command).run(args) or 0)
     except TrainingStopped as stopped:  # the trainer has said where it stopped, in one line
         return stopped.code
     except ResilientTrainError as exc:

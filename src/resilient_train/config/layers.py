@@ -126,7 +126,7 @@ def resolve(*layers: Any) -> RunConfig:
     try:
         merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
         resolved = cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
-        resolved.mark_resolved()
+        resolved.mark_resolved(merged if isinstance(merged, DictConfig) else None)
         return resolved
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None

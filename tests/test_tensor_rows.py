@@ -117,6 +117,45 @@ def test_a_dataloader_worker_fetches_sample_by_sample_and_gets_the_same_batch() 
         _assert_same_batch(got, want)
 
 
+class _Drawing(Dataset):
+    """A dataset of the user's own whose fetch draws from torch's generator."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(1)
+
+
+def test_a_gathered_batch_is_fetched_without_seeding_and_leaves_every_stream_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No code of the user's runs in a gather, so there is no stream to seed: skipping the seeding
+    (~30 us a step) changes neither the batch nor any RNG state. A dataset of one's own is still
+    fetched under the batch's seed."""
+    import random
+
+    seeds: list[int] = []
+
+    class Watched:  # torch's own generator, its seeding recorded
+        def __init__(self, generator: torch.Generator) -> None:
+            self.generator = generator
+
+        def manual_seed(self, seed: int) -> torch.Generator:
+            seeds.append(seed)
+            return self.generator.manual_seed(seed)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.generator, name)
+
+    monkeypatch.setattr(torch, "default_generator", Watched(torch.default_generator))
+    dataset = TensorDataset(torch.randn(N, 4), torch.arange(N))
+    before = (torch.get_rng_state(), random.getstate())
+    got = SeededBatches(dataset, default_collate)[BatchKey(INDICES, 5)]
+    _assert_same_batch(got, default_collate([dataset[i] for i in INDICES]))
+    assert seeds == [] and torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    drawn = SeededBatches(_Drawing(), default_collate)[BatchKey(INDICES, 5)]
+    assert seeds == [5] and torch.equal(drawn, SeededBatches(_Drawing(), default_collate)[BatchKey(INDICES, 5)])
+
+
 @pytest.fixture
 def collate_map() -> Any:
     """torch's `default_collate_fn_map`, put back as it was after the test changes it."""

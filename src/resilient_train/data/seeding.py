@@ -103,6 +103,10 @@ class SeededBatches(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: BatchKey) -> Any:
+        if not self.unbatched:
+            rows = gathered(self.dataset, self.collate_fn, key.indices)  # a TensorDataset: one op per tensor
+            if rows is not None:  # no code of the user's ran, so no stream was drawn from: nothing to seed
+                return rows
         guards = self._guards if self._guards is not None else self._make_guards()
         while True:
             saved_torch = torch.get_rng_state()
@@ -126,9 +130,6 @@ class SeededBatches(Dataset):
     def _fetch(self, indices: tuple[int, ...]) -> Any:
         if self.unbatched:
             return self.collate_fn(self.dataset[indices[0]])
-        rows = gathered(self.dataset, self.collate_fn, indices)  # a TensorDataset: one op per tensor
-        if rows is not None:
-            return rows
         getitems = getattr(self.dataset, "__getitems__", None)  # batched fetch, as torch's fetcher does
         items = getitems(list(indices)) if getitems else [self.dataset[i] for i in indices]
         return self.collate_fn(items)

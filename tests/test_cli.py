@@ -41,6 +41,8 @@ def test_each_command_module_answers_to_its_name_in_the_table() -> None:
     (["run", "t.py"], ["run"]),
     (["--debug", "ls", "r"], ["ls"]),
     (["--help", "run"], "all"),  # the top-level help lists every command
+    (["--he", "run"], "all"),  # ... and so does an abbreviation of --help
+    (["--", "ls", "r"], "all"),
     (["frobnicate"], "all"),  # an unknown command is answered with every choice
     ([], "all"),
 ])

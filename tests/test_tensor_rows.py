@@ -156,6 +156,29 @@ def test_a_gathered_batch_is_fetched_without_seeding_and_leaves_every_stream_as_
     assert seeds == [5] and torch.equal(drawn, SeededBatches(_Drawing(), default_collate)[BatchKey(INDICES, 5)])
 
 
+def test_under_a_torch_mode_a_batch_is_fetched_sample_by_sample_and_seeded() -> None:
+    """A TorchFunctionMode runs code of its own around every op (here it adds noise drawn from
+    torch's generator to each stack): the batch then takes the per-sample road, fetched under its
+    key's seed, so it is the same whatever the state of the process's own stream."""
+    from torch.overrides import TorchFunctionMode
+
+    class Jitter(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            return out + torch.rand(out.shape) if func is torch.stack and out.is_floating_point() else out
+
+    dataset = TensorDataset(torch.randn(N, 4), torch.arange(N))
+    batches = SeededBatches(dataset, default_collate)
+    fetched = []
+    for stream_seed in (1, 2):
+        torch.manual_seed(stream_seed)
+        with Jitter():
+            assert tensor_rows.gathered(dataset, default_collate, INDICES) is None
+            fetched.append(batches[BatchKey(INDICES, 5)])
+    _assert_same_batch(fetched[0], fetched[1])
+    assert not torch.equal(fetched[0][0], default_collate([dataset[i] for i in INDICES])[0])  # the mode did run
+
+
 @pytest.fixture
 def collate_map() -> Any:
     """torch's `default_collate_fn_map`, put back as it was after the test changes it."""

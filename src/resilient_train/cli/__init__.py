@@ -49,8 +49,9 @@ def _missing(command: str, names: list[str], example: Optional[str]) -> str:
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser of the commands in `commands.COMMANDS`, each with the common options (--debug).
 
-    Only the command `argv` names when it names one before any `-h`/`--help` (what parsing it
-    needs); every command otherwise (the listing of `--help`, an unknown command's choices).
+    Only the command `argv` names when its first word other than `--debug` is a command (what
+    parsing it needs); every command otherwise (the listing of `--help` or of an abbreviation of
+    it, an unknown command's choices).
     """
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -70,12 +71,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _commands_to_parse(argv: Sequence[str]) -> Sequence[str]:
-    for word in argv:
-        if word in ("-h", "--help"):
-            break
-        if not word.startswith("-"):
-            return [word] if word in COMMANDS else list(COMMANDS)
-    return list(COMMANDS)
+    first = next((word for word in argv if word != "--debug"), None)
+    return [first] if first in COMMANDS else list(COMMANDS)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -11,10 +11,10 @@ import copy
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional, Sequence, cast
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import AnyNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resilient_train.config.schema import SECTIONS, RunConfig
+from resilient_train.config.schema import SECTIONS, RunConfig, plain_data
 from resilient_train.errors import ConfigError, UsageError
 
 
@@ -126,13 +126,35 @@ def resolve(*layers: Any) -> RunConfig:
     try:
         merged = OmegaConf.merge(schema, *[layer for layer in layers if layer is not None])
         resolved = cast(RunConfig, OmegaConf.to_object(merged))  # runs every __post_init__
-        resolved.mark_resolved(merged if isinstance(merged, DictConfig) else None)
+        plain = all(_untyped_layer(layer) for layer in given)
+        resolved.mark_resolved(merged if plain and isinstance(merged, DictConfig) else None)
         return resolved
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(getattr(exc, "__cause__", None), ConfigError) else None
         if cause is not None:
             raise cause from None
         raise _translate(exc) from None
+
+
+def _untyped_layer(layer: Any) -> bool:
+    """Plain data, or an OmegaConf config made of it (`from_dotlist`, `create`): no flag, no
+    structured or typed node anywhere. Only then may `resolve` hand its merge on as the view: an
+    OmegaConf layer's flags (struct, read-only: a Hydra config) and typed nodes would reach the
+    task's `cfg` through it."""
+    if type(layer) is dict:
+        return plain_data(layer)
+    return OmegaConf.is_config(layer) and _untyped_node(layer) and plain_data(OmegaConf.to_container(layer, resolve=False))
+
+
+def _untyped_node(node: Any) -> bool:
+    meta = node._metadata
+    if meta.flags or meta.ref_type is not Any or meta.object_type not in (dict, list, None):
+        return False
+    if isinstance(node, DictConfig):
+        return meta.key_type is Any and meta.element_type is Any and all(_untyped_node(node._get_node(key)) for key in node)
+    if isinstance(node, ListConfig):
+        return meta.element_type is Any and all(_untyped_node(node._get_node(index)) for index in range(len(node)))
+    return type(node) is AnyNode
 
 
 def _plain_layer(layer: Any) -> Any:

@@ -313,7 +313,7 @@ def _omegaconf_yaml(data: dict[str, Any]) -> str:
     the YAML dump OmegaConf itself ends with; anything else (an Enum, a Path) takes OmegaConf's road.
     """
     dumper = _dumper()
-    if dumper is None or not _plain(data):
+    if dumper is None or not plain_data(data):
         return OmegaConf.to_yaml(OmegaConf.create(data))
     return cast(str, yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=dumper))
 
@@ -333,11 +333,12 @@ def _dumper() -> Optional[type]:
     return _NoAliases
 
 
-def _plain(value: Any) -> bool:
+def plain_data(value: Any) -> bool:
+    """Only str-keyed dicts, lists, str, int, float, bool and None (no OmegaConf node, no object)."""
     if type(value) is dict:
-        return all(type(key) is str and _plain(item) for key, item in value.items())
+        return all(type(key) is str and plain_data(item) for key, item in value.items())
     if type(value) is list:
-        return all(_plain(item) for item in value)
+        return all(plain_data(item) for item in value)
     return value is None or type(value) in (str, int, float, bool)
 
 

@@ -10,7 +10,9 @@ It is taken only where the two are the same: torch's own TensorDataset (a subcla
 its own way) with torch's `default_collate` as torch ships it (its documented extension point,
 `default_collate_fn_map`, may send tensors or tuples elsewhere), plain contiguous CPU tensors
 that need no grad, in the main process (in a DataLoader worker `default_collate` builds the
-batch in shared memory, which this would not). Anything else goes the per-sample way.
+batch in shared memory, which this would not), with no torch function or dispatch mode active
+(a mode runs code of its own around every op, and the gather is not seeded: data/seeding.py).
+Anything else goes the per-sample way.
 """
 
 from __future__ import annotations
@@ -28,10 +30,31 @@ def gathered(dataset: Any, collate_fn: Callable[[Any], Any], indices: Sequence[i
     if type(dataset) is not TensorDataset or collate_fn is not default_collate or not indices:
         return None
     tensors = dataset.tensors
-    if not all(_plain(tensor) for tensor in tensors) or get_worker_info() is not None or not _collates_as_shipped():
+    if (not all(_plain(tensor) for tensor in tensors) or get_worker_info() is not None or not _collates_as_shipped()
+            or _modes_active() or torch.Tensor.index_select is not _INDEX_SELECT):
         return None
     index = torch.tensor(indices, dtype=torch.long, device="cpu")  # not torch.set_default_device's
     return [tensor.index_select(0, index) for tensor in tensors]
+
+
+_INDEX_SELECT = torch.Tensor.index_select  # as torch ships it: a patched one is code of someone else's
+
+
+def _modes_active() -> bool:
+    """Whether a torch function or dispatch mode is on its stack, other than the default device's
+    (`torch.set_default_device` pushes one that only places factory calls; True where torch
+    cannot say)."""
+    try:
+        if torch._C._len_torch_dispatch_stack():
+            return True
+        if not torch._C._len_torch_function_stack():
+            return False
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+
+        return not all(type(mode) is DeviceContext for mode in _get_current_function_mode_stack())
+    except (AttributeError, ImportError):
+        return True
 
 
 def _collates_as_shipped() -> bool:

@@ -143,18 +143,20 @@ def _untyped_layer(layer: Any) -> bool:
     task's `cfg` through it."""
     if type(layer) is dict:
         return plain_data(layer)
-    return OmegaConf.is_config(layer) and _untyped_node(layer) and plain_data(OmegaConf.to_container(layer, resolve=False))
+    return OmegaConf.is_config(layer) and _untyped_node(layer)
 
 
 def _untyped_node(node: Any) -> bool:
+    """The node and everything under it as `plain_data` would hold it, with no flag or type."""
     meta = node._metadata
     if meta.flags or meta.ref_type is not Any or meta.object_type not in (dict, list, None):
         return False
     if isinstance(node, DictConfig):
-        return meta.key_type is Any and meta.element_type is Any and all(_untyped_node(node._get_node(key)) for key in node)
+        return (meta.key_type is Any and meta.element_type is Any
+                and all(type(key) is str and _untyped_node(node._get_node(key)) for key in node))
     if isinstance(node, ListConfig):
         return meta.element_type is Any and all(_untyped_node(node._get_node(index)) for index in range(len(node)))
-    return type(node) is AnyNode
+    return type(node) is AnyNode and plain_data(node._value())
 
 
 def _plain_layer(layer: Any) -> Any:
